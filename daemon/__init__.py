@@ -1,0 +1,3 @@
+"""deployd: a self-hosted deploy daemon for Apache Airflow projects."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,297 @@
+# deployd's DAG checker. Runs inside a container of the freshly built image
+# (no network, read-only root, limits), never in the daemon. Standard library
+# only; Python 3.9+.
+#
+# Airflow is imported once; every DAG file is then imported in a forked child,
+# several at a time, so that a file that exits, crashes, hangs or eats memory
+# gets its own verdict and every other file still gets one. The report is one
+# JSON line on stdout after RESULT_MARK.
+import inspect
+import json
+import os
+import re
+import selectors
+import signal
+import sys
+import time
+import traceback
+
+RESULT_MARK = "@@deployd-check-result@@ "
+OUTPUT_KEEP = 4096
+EXC_LINE = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*): (.*)$")
+
+
+def say(text):
+    sys.stdout.write("deployd-check: %s\n" % text)
+    sys.stdout.flush()
+
+
+def load_exceptions(home):
+    path = os.path.join(home, ".astro", "dag_integrity_exceptions.txt")
+    allowed = set()
+    try:
+        with open(path) as fh:
+            for line in fh:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    allowed.add(os.path.normpath(line))
+    except OSError:
+        pass
+    return allowed
+
+
+def dagbag_class():
+    try:
+        from airflow.dag_processing.dagbag import DagBag  # Airflow 3.x
+    except ImportError:
+        from airflow.models.dagbag import DagBag  # Airflow 2.x
+    return DagBag
+
+
+def discover(folder):
+    """Airflow's own discovery: .airflowignore (either syntax) and safe mode."""
+    try:
+        from airflow.dag_processing.importers import get_importer_registry
+    except ImportError:
+        from airflow.utils.file import list_py_file_paths
+
+        params = inspect.signature(list_py_file_paths).parameters
+        kwargs = {"safe_mode": True}
+        if "include_examples" in params:
+            kwargs["include_examples"] = False
+        return sorted(list_py_file_paths(folder, **kwargs))
+    return sorted(get_importer_registry().list_dag_files(folder, safe_mode=True))
+
+
+def new_bag(DagBag, folder):
+    params = inspect.signature(DagBag.__init__).parameters
+    kwargs = {"dag_folder": folder, "collect_dags": False}
+    if "include_examples" in params:
+        kwargs["include_examples"] = False
+    return DagBag(**kwargs)
+
+
+def error_from_traceback(text, path):
+    text = text.rstrip()
+    lines = text.splitlines()
+    kind, message = "ImportError", lines[-1] if lines else ""
+    for candidate in reversed(lines):
+        m = EXC_LINE.match(candidate)
+        if m:
+            kind, message = m.group(1), m.group(2)
+            break
+    line = None
+    for m in re.finditer(r'File "([^"]+)", line (\d+)', text):
+        if os.path.basename(m.group(1)) == os.path.basename(path):
+            line = int(m.group(2))
+    return {
+        "kind": kind.rsplit(".", 1)[-1],
+        "message": message.strip(),
+        "line": line,
+        "traceback": text,
+    }
+
+
+def child(DagBag, folder, path, out_fd, res_fd):
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    result = {}
+    try:
+        bag = new_bag(DagBag, folder)
+        dags = bag.process_file(path, only_if_updated=False, safe_mode=True)
+        result["dags"] = sorted(d.dag_id for d in dags)
+        result["errors"] = [v for v in bag.import_errors.values()]
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt included
+        if isinstance(exc, SystemExit):
+            tb = "SystemExit: the file called sys.exit(%r) while being imported" % (exc.code,)
+        else:
+            tb = traceback.format_exc()
+        result["errors"] = [tb]
+        result.setdefault("dags", [])
+    data = json.dumps(result).encode()
+    view = memoryview(data)
+    while view:
+        n = os.write(res_fd, view)
+        view = view[n:]
+    os._exit(0)
+
+
+class Job(object):
+    def __init__(self, path, pid, out_r, res_r, deadline):
+        self.path = path
+        self.pid = pid
+        self.out_r = out_r
+        self.res_r = res_r
+        self.deadline = deadline
+        self.started = time.monotonic()
+        self.output = bytearray()
+        self.output_bytes = 0
+        self.result = bytearray()
+        self.open = 2
+        self.status = None
+        self.timed_out = False
+        self.finished = None
+
+
+def run_all(DagBag, folder, files, parallel, timeout):
+    sel = selectors.DefaultSelector()
+    pending = list(files)
+    running = {}
+    done = {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            path = pending.pop(0)
+            out_r, out_w = os.pipe()
+            res_r, res_w = os.pipe()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                os.close(out_r)
+                os.close(res_r)
+                try:
+                    child(DagBag, folder, path, out_w, res_w)
+                finally:
+                    os._exit(70)
+            os.close(out_w)
+            os.close(res_w)
+            job = Job(path, pid, out_r, res_r, time.monotonic() + timeout)
+            running[pid] = job
+            sel.register(out_r, selectors.EVENT_READ, (job, "out"))
+            sel.register(res_r, selectors.EVENT_READ, (job, "res"))
+        for key, _ in sel.select(timeout=0.05):
+            job, which = key.data
+            chunk = os.read(key.fd, 65536)
+            if not chunk:
+                sel.unregister(key.fd)
+                os.close(key.fd)
+                job.open -= 1
+                continue
+            if which == "res":
+                job.result += chunk
+            else:
+                job.output_bytes += len(chunk)
+                if len(job.output) < OUTPUT_KEEP:
+                    job.output += chunk[: OUTPUT_KEEP - len(job.output)]
+        now = time.monotonic()
+        for pid, job in list(running.items()):
+            if job.status is None:
+                got, status = os.waitpid(pid, os.WNOHANG)
+                if got == pid:
+                    job.status = status
+                elif now > job.deadline and not job.timed_out:
+                    job.timed_out = True
+                    os.kill(pid, signal.SIGKILL)
+            if job.status is not None and job.open == 0:
+                job.finished = now
+                del running[pid]
+                done[job.path] = job
+            elif job.status is not None and now > job.deadline + 5:
+                # The child is gone but something (a grandchild) holds its pipes.
+                for fd in (job.out_r, job.res_r):
+                    try:
+                        sel.unregister(fd)
+                        os.close(fd)
+                    except (KeyError, ValueError, OSError):
+                        pass
+                job.finished = now
+                del running[pid]
+                done[job.path] = job
+    return done
+
+
+def verdict(job, timeout):
+    entry = {
+        "dags": [],
+        "seconds": round((job.finished or time.monotonic()) - job.started, 3),
+        "output_bytes": job.output_bytes,
+        "output": job.output.decode("utf-8", "replace"),
+    }
+    if job.timed_out:
+        entry["error"] = {
+            "kind": "Timeout",
+            "line": None,
+            "traceback": "",
+            "message": "did not finish importing within %d s" % timeout,
+        }
+        return entry
+    status = job.status or 0
+    result = None
+    if job.result:
+        try:
+            result = json.loads(job.result.decode())
+        except ValueError:
+            result = None
+    if result is None:
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+            why = {
+                "SIGKILL": " (out of memory: the check container's memory limit)",
+                "SIGSEGV": " (a segmentation fault)",
+            }.get(str(name), "")
+            msg = "the import was killed by %s%s" % (name, why)
+            entry["error"] = {"kind": "Crash", "message": msg, "line": None, "traceback": ""}
+        else:
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+            msg = "the file ended the process (exit status %s) while being imported" % code
+            entry["error"] = {"kind": "Exit", "message": msg, "line": None, "traceback": ""}
+        return entry
+    entry["dags"] = result.get("dags", [])
+    errors = result.get("errors") or []
+    if errors:
+        entry["error"] = error_from_traceback(errors[0], job.path)
+    return entry
+
+
+def main():
+    cfg = json.loads(os.environ["DEPLOYD_CHECK"])
+    home = cfg.get("project") or os.getcwd()
+    folder = os.path.join(home, "dags")
+    started = time.monotonic()
+    report = {"files": {}, "airflow_version": None, "fatal": None}
+    try:
+        import airflow
+
+        report["airflow_version"] = getattr(airflow, "__version__", "unknown")
+        DagBag = dagbag_class()
+        files = discover(folder) if os.path.isdir(folder) else []
+    except BaseException:
+        report["fatal"] = (
+            "Airflow could not be loaded in the image:\n" + traceback.format_exc()[-4000:]
+        )
+        sys.stdout.write(RESULT_MARK + json.dumps(report) + "\n")
+        return 0
+    say(
+        "Airflow %s loaded in %.2f s; %d DAG files to check"
+        % (report["airflow_version"], time.monotonic() - started, len(files))
+    )
+    allowed = load_exceptions(home)
+    done = run_all(
+        DagBag, folder, files, max(1, int(cfg.get("parallel", 1))), int(cfg["import_timeout"])
+    )
+    for path in files:
+        rel = os.path.relpath(path, home)
+        entry = verdict(done[path], int(cfg["import_timeout"]))
+        entry["status"] = "ok"
+        if "error" in entry:
+            entry["status"] = "allowed" if os.path.normpath(rel) in allowed else "error"
+        report["files"][rel] = entry
+        say(
+            "%-5s %s (%s)"
+            % (
+                entry["status"],
+                rel,
+                ("%d DAGs" % len(entry["dags"]))
+                if entry["status"] == "ok"
+                else entry["error"]["kind"],
+            )
+        )
+    report["seconds"] = round(time.monotonic() - started, 3)
+    sys.stdout.write(RESULT_MARK + json.dumps(report) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

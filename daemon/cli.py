@@ -1,0 +1,250 @@
+"""The `deployd` command: thin click commands over the core.
+
+Arguments are parsed and validated here, the core is called, and errors are
+mapped to the exit codes of SPEC.md. Progress goes to stderr, the result to
+stdout; `--json` prints the record shape the HTTP API returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from daemon import config as config_mod
+from daemon import deploys, git, names
+from daemon.context import DeployRequest, Services
+from daemon.deploys import Options
+from daemon.errors import DeploydError
+from daemon.images import Images
+from daemon.locks import DeploymentLock
+from daemon.pipeline import Pipeline
+from daemon.records import Records
+from daemon.recovery import recover
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _config_option(fn: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Config file (default: $DEPLOYD_CONFIG, else /etc/deployd/deployd.toml).",
+    )(fn)
+
+
+def _errors(fn: F) -> F:
+    """Turn DeploydError into one line on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DeploydError as exc:
+            click.echo(f"deployd: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(ctx: click.Context, config_path: str | None) -> config_mod.Settings:
+    path = config_path or (ctx.obj or {}).get("config_path")
+    return config_mod.load(config_mod.resolve_path(path, dict(os.environ)))
+
+
+def _records(settings: config_mod.Settings) -> Records:
+    return Records(settings.server.state_dir / "deployd.db")
+
+
+@click.group()
+@_config_option
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """deployd: deploy Apache Airflow projects on git push."""
+    ctx.obj = {"config_path": config_path}
+
+
+@main.command("check-config")
+@_config_option
+@click.pass_context
+@_errors
+def check_config(ctx: click.Context, config_path: str | None) -> None:
+    """Validate the config file and print the deployments it defines."""
+    settings = _settings(ctx, config_path)
+    click.echo(f"{settings.path}: ok")
+    click.echo(f"state_dir {settings.server.state_dir}")
+    for dep in settings.deployments:
+        workloads = ", ".join(str(w) for w in dep.workloads) or "none"
+        click.echo(
+            f"deployment {dep.name}: branch {dep.branch} -> {dep.image} "
+            f"(tag {dep.tag_template}; workloads: {workloads}; "
+            f"pytest {'on' if dep.pytest else 'off'})"
+        )
+    for key in settings.keys:
+        scope = "admin" if key.admin else ", ".join(key.deployments) or "no deployments"
+        click.echo(f"key {key.name}: {scope}")
+
+
+@main.command()
+@_config_option
+@click.argument("deployment")
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--force", is_flag=True, help="Deploy despite DAG import errors.")
+@click.option("--pytest", "run_pytest", is_flag=True, help="Run pytest tests/ before pushing.")
+@click.option("--description", default="", help="Recorded with the deploy (default: subject).")
+@click.option(
+    "--allow-dirty",
+    is_flag=True,
+    help="Deploy HEAD even though the work tree has uncommitted changes.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the deploy record as JSON.")
+@click.pass_context
+@_errors
+def deploy(
+    ctx: click.Context,
+    config_path: str | None,
+    deployment: str,
+    path: Path,
+    force: bool,
+    run_pytest: bool,
+    description: str,
+    allow_dirty: bool,
+    as_json: bool,
+) -> None:
+    """Build, check and push the HEAD commit of the git repository at PATH."""
+    settings = _settings(ctx, config_path)
+    dep = settings.deployment(deployment)
+    repo = path.resolve()
+    head = git.head(repo)
+    if not allow_dirty:
+        git.ensure_clean(repo)
+    options = Options(
+        force=force, pytest=run_pytest, description=description, allow_dirty=allow_dirty
+    )
+    request = DeployRequest(
+        dep, repo, head.commit, head.ref, head.subject, "cli", _actor(), options
+    )
+    services = Services(
+        settings, _records(settings), Images(settings.docker.host, settings.registry)
+    )
+    services.images.ping()
+    outcome = asyncio.run(
+        Pipeline(services).run(request, sink=lambda line: click.echo(line, err=True))
+    )
+    rec = outcome.record
+    if as_json:
+        click.echo(json.dumps(rec, indent=2))
+    elif rec["state"] == deploys.SUCCEEDED:
+        click.echo(f"deploy #{rec['id']} succeeded: {rec['image']}:{rec['tag']}@{rec['digest']}")
+    else:
+        click.echo(f"deploy #{rec['id']} {rec['state']}: {rec['error']}")
+    sys.exit(outcome.exit_code)
+
+
+@main.command("deploys")
+@_config_option
+@click.argument("deployment", required=False)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@click.pass_context
+@_errors
+def list_deploys(
+    ctx: click.Context, config_path: str | None, deployment: str | None, limit: int, as_json: bool
+) -> None:
+    """List recent deploys, newest first."""
+    settings = _settings(ctx, config_path)
+    if deployment is not None:
+        settings.deployment(deployment)
+    records = _records(settings)
+    for dep in settings.deployments:
+        if deployment in (None, dep.name):
+            _recover_if_idle(settings, records, dep.name)
+    rows = records.list_deploys(deployment, limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no deploys yet")
+        return
+    click.echo(
+        f"{'ID':>5}  {'DEPLOYMENT':<14} {'STATE':<12} {'COMMIT':<8} {'WHEN (UTC)':<19} "
+        f"{'TRIGGER':<8} {'ACTOR':<12} TAG / ERROR"
+    )
+    for r in rows:
+        when = dt.datetime.fromtimestamp(r["created_at"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        what = r["tag"] if r["state"] == deploys.SUCCEEDED else (r["error"] or "")
+        click.echo(
+            f"{r['id']:>5}  {r['deployment']:<14} {r['state']:<12} "
+            f"{(r['commit'] or '')[:7]:<8} {when:<19} {r['trigger']:<8} "
+            f"{(r['actor'] or '')[:12]:<12} {what}"
+        )
+
+
+@main.command()
+@_config_option
+@click.argument("deploy_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the deploy ends.")
+@click.option("--json", "as_json", is_flag=True, help="Print log lines as JSON objects.")
+@click.pass_context
+@_errors
+def logs(
+    ctx: click.Context, config_path: str | None, deploy_id: str, follow: bool, as_json: bool
+) -> None:
+    """Print the log of a deploy."""
+    settings = _settings(ctx, config_path)
+    ident = names.deploy_id(deploy_id)
+    records = _records(settings)
+    rec = records.get(ident)
+    if rec is None:
+        raise DeploydError(f"there is no deploy #{ident}.") from None
+    after = 0
+    while True:
+        for row in records.log_lines(ident, after):
+            after = row["id"]
+            click.echo(
+                json.dumps({"ts": row["ts"], "step": row["step"], "line": row["line"]})
+                if as_json
+                else row["line"]
+            )
+        rec = records.get(ident)
+        if not follow or rec is None or rec["state"] in deploys.FINAL_STATES:
+            if follow:
+                for row in records.log_lines(ident, after):
+                    click.echo(row["line"])
+            break
+        if rec["state"] in (deploys.QUEUED, deploys.RUNNING):
+            _recover_if_idle(settings, records, rec["deployment"])
+        time.sleep(0.2)
+
+
+def _recover_if_idle(settings: config_mod.Settings, records: Records, deployment: str) -> None:
+    """Mark deploys of a crashed process interrupted, if no deploy holds the lock."""
+    if not records.in_flight(deployment):
+        return
+    lock = DeploymentLock(settings.server.state_dir, deployment)
+    if lock.try_acquire():
+        try:
+            recover(records, None, settings.server.state_dir, deployment, lock)
+        finally:
+            lock.release()
+
+
+def _actor() -> str:
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+    host = os.uname().nodename
+    return f"{user}@{host}"[:64]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

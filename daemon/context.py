@@ -1,0 +1,77 @@
+"""What a deploy carries from step to step: the request, the adapters, the facts found."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.config import Deployment, Settings
+from daemon.deploys import Options
+from daemon.images import Images
+from daemon.logs import DeployLog
+from daemon.records import Records
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """A request to deploy one commit of a local repository."""
+
+    deployment: Deployment
+    repo: Path
+    commit: str
+    ref: str
+    subject: str
+    trigger: str
+    actor: str
+    options: Options
+
+
+@dataclass
+class Services:
+    """The adapters, built once by the command or the daemon and passed down."""
+
+    settings: Settings
+    records: Records
+    images: Images
+
+
+@dataclass
+class DeployContext:
+    """One running deploy: its id, log, work dir and what the steps have found so far."""
+
+    id: int
+    request: DeployRequest
+    services: Services
+    log: DeployLog
+    workdir: Path
+    stop: threading.Event = field(default_factory=threading.Event)
+    image_id: str = ""
+    tag: str = ""
+    digest: str = ""
+    upload: asyncio.Task[str] | None = None
+
+    @property
+    def deployment(self) -> Deployment:
+        return self.request.deployment
+
+    @property
+    def source(self) -> Path:
+        """The checked-out project files."""
+        return self.workdir / "src"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Labels that mark every image and container of this deploy."""
+        from daemon.images import LABEL_COMMIT, LABEL_DEPLOY_ID, LABEL_DEPLOYMENT
+
+        return {
+            LABEL_DEPLOYMENT: self.deployment.name,
+            LABEL_DEPLOY_ID: str(self.id),
+            LABEL_COMMIT: self.request.commit,
+        }
+
+    def say(self, line: str, step: str | None = None) -> None:
+        """Write a line to this deploy's log."""
+        self.log.write(line, step)

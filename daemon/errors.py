@@ -1,0 +1,93 @@
+"""The exception tree: one base class, one subclass per failure area.
+
+Each carries the exit code the CLI maps it to (SPEC.md: 0 ok, 1 deploy failed,
+2 usage or config, 3 rolled back, 4 a dependency could not be reached) and the
+facts a person needs to act on it. Messages are full sentences.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ROLLED_BACK = 3
+EXIT_UNREACHABLE = 4
+
+
+class DeploydError(Exception):
+    """Base of every error deployd raises on purpose."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(DeploydError):
+    """The configuration file is missing, malformed or names a bad value."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config: {key}: {problem}" if key else f"config: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class UsageError(DeploydError):
+    """The caller asked for something that cannot be done as asked."""
+
+    exit_code = EXIT_USAGE
+
+
+class InvalidName(UsageError):
+    """A name or ref from outside failed validation."""
+
+
+class UnknownDeployment(UsageError):
+    """No deployment of that name is configured."""
+
+
+class GitError(DeploydError):
+    """A git command failed."""
+
+
+class DirtyWorkTree(UsageError):
+    """The repository to deploy has uncommitted changes."""
+
+
+class BuildError(DeploydError):
+    """The image build failed; carries the failing instruction and output tail."""
+
+    def __init__(self, message: str, *, step: str = "", tail: str = "") -> None:
+        super().__init__(message, detail=tail)
+        self.step = step
+
+
+class CheckError(DeploydError):
+    """The DAG checks or the tests found problems that block the deploy."""
+
+
+class RegistryError(DeploydError):
+    """The registry refused the image (authentication, permission, manifest)."""
+
+
+class DependencyUnreachable(DeploydError):
+    """Docker, the registry or the cluster could not be reached."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class Cancelled(DeploydError):
+    """The deploy was cancelled (its requester went away or asked)."""
+
+
+class RolledBack(DeploydError):
+    """The rollout failed and the previous image was restored."""
+
+    exit_code = EXIT_ROLLED_BACK

@@ -1,0 +1,122 @@
+"""Adapter to git: read a repository's HEAD, its cleanliness, and export a commit.
+
+Every call is an argument list (never a shell) with its exit status checked;
+failures become GitError with git's own message.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon import names
+from daemon.errors import DirtyWorkTree, GitError, UsageError
+
+_ENV_SAFE = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+
+
+@dataclass(frozen=True)
+class Head:
+    """The commit a repository's HEAD names, with its tree and subject."""
+
+    commit: str
+    tree: str
+    ref: str
+    subject: str
+
+
+def _git(repo: Path, *args: str, check: bool = True) -> str:
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(repo), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**_minimal_env(), **_ENV_SAFE},
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GitError(f"git {args[0]} could not run: {exc}.") from exc
+    if check and proc.returncode != 0:
+        msg = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise GitError(f"git {args[0]} failed in {repo}: {msg}")
+    return proc.stdout
+
+
+def _minimal_env() -> dict[str, str]:
+    import os
+
+    keep = (
+        "PATH",
+        "HOME",
+        "GIT_DIR",
+        "GIT_OBJECT_DIRECTORY",
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+        "GIT_QUARANTINE_PATH",
+    )
+    return {k: v for k, v in os.environ.items() if k in keep}
+
+
+def head(repo: Path) -> Head:
+    """Read HEAD of the repository at `repo` (a work tree)."""
+    if not repo.is_dir():
+        raise UsageError(f"{repo} is not a directory.")
+    if _git(repo, "rev-parse", "--is-inside-work-tree", check=False).strip() != "true":
+        raise UsageError(f"{repo} is not a git work tree; run deployd deploy inside one.")
+    out = _git(repo, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False).strip()
+    if not out:
+        raise UsageError(f"{repo} has no commits yet; commit the project first.")
+    commit = names.commit_sha(out)
+    tree = _git(repo, "rev-parse", f"{commit}^{{tree}}").strip()
+    ref = _git(repo, "symbolic-ref", "--quiet", "HEAD", check=False).strip() or "HEAD"
+    subject = _git(repo, "log", "-1", "--format=%s", commit).strip()
+    return Head(commit, tree, ref, subject)
+
+
+def ensure_clean(repo: Path) -> None:
+    """Raise DirtyWorkTree if the work tree has changes or untracked files."""
+    out = _git(repo, "status", "--porcelain", "--untracked-files=normal")
+    changed = [line[3:] for line in out.splitlines() if line.strip()]
+    if changed:
+        shown = ", ".join(changed[:5]) + (
+            f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        )
+        raise DirtyWorkTree(
+            f"the work tree of {repo} has uncommitted changes ({shown}); commit or stash "
+            "them, or pass --allow-dirty to deploy the HEAD commit without them."
+        )
+
+
+def export(repo: Path, commit: str, dest: Path) -> None:
+    """Write the files of `commit` (no .git) into the empty directory `dest`."""
+    names.commit_sha(commit)
+    dest.mkdir(parents=True, exist_ok=True)
+    env = {**_minimal_env(), **_ENV_SAFE}
+    try:
+        archive = subprocess.Popen(
+            ["git", "-C", str(repo), "archive", "--format=tar", commit],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        untar = subprocess.run(
+            ["tar", "-x", "--no-same-owner", "-C", str(dest)],
+            stdin=archive.stdout,
+            capture_output=True,
+            check=False,
+            timeout=600,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GitError(f"could not export commit {commit[:12]}: {exc}.") from exc
+    assert archive.stdout is not None and archive.stderr is not None
+    archive.stdout.close()
+    err = archive.stderr.read().decode(errors="replace").strip()
+    archive.stderr.close()
+    if archive.wait() != 0:
+        raise GitError(f"git archive of {commit[:12]} failed: {err or 'no message'}")
+    if untar.returncode != 0:
+        raise GitError(
+            f"unpacking commit {commit[:12]} failed: "
+            f"{untar.stderr.decode(errors='replace').strip()}"
+        )

@@ -1,0 +1,425 @@
+"""Adapter to the Docker Engine and the registry: build, run sandboxed checks, push, prune.
+
+The docker SDK's exceptions are translated here, where they enter: an Engine
+or registry that cannot be reached becomes DependencyUnreachable (exit 4), a
+refused login RegistryError, a failed build BuildError with the failing
+instruction and the tail of its output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from daemon.config import RegistrySettings
+from daemon.errors import BuildError, DependencyUnreachable, RegistryError
+
+log = logging.getLogger(__name__)
+
+LABEL_DEPLOYMENT = "deployd.deployment"
+LABEL_DEPLOY_ID = "deployd.deploy-id"
+LABEL_COMMIT = "deployd.commit"
+LABEL_ROLE = "deployd.role"
+API_VERSION = "1.41"
+STAGING_TAG = "deployd-staging"
+PUSH_ATTEMPTS = 4
+_AUTH_PATTERNS = re.compile(
+    r"unauthorized|authentication required|denied|forbidden|"
+    r"no basic auth credentials|401|403",
+    re.IGNORECASE,
+)
+_STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+
+Line = Callable[[str], None]
+
+
+@dataclass
+class ContainerRun:
+    """How a check container ended."""
+
+    exit_code: int | None
+    timed_out: bool = False
+    oom_killed: bool = False
+    output: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """Limits of a check container (SPEC.md: no network, memory, CPU, pids, time)."""
+
+    memory_mb: int
+    cpus: float
+    timeout_seconds: int
+    pids: int = 1024
+    scratch_mb: int = 512
+
+
+class Images:
+    """The Docker Engine (and through it, the registry) as deployd uses them."""
+
+    def __init__(self, host: str, registry: RegistrySettings, *, push_backoff: float = 0.5) -> None:
+        self.host = host
+        self.registry = registry
+        self.push_backoff = push_backoff
+        self._api: docker.APIClient | None = None
+        self._ncpu: int | None = None
+
+    @property
+    def api(self) -> docker.APIClient:
+        if self._api is None:
+            try:
+                self._api = docker.APIClient(base_url=self.host, version=API_VERSION, timeout=300)
+            except docker.errors.DockerException as exc:
+                raise self._unreachable(exc) from exc
+        return self._api
+
+    def _unreachable(self, exc: BaseException) -> DependencyUnreachable:
+        return DependencyUnreachable(
+            f"the Docker Engine at {self.host} could not be reached ({_short(exc)}); "
+            "check that dockerd runs and [docker] host is right."
+        )
+
+    @contextlib.contextmanager
+    def _engine(self) -> Iterator[None]:
+        try:
+            yield
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise self._unreachable(exc) from exc
+
+    def ping(self) -> None:
+        """Raise DependencyUnreachable unless the Engine answers."""
+        with self._engine():
+            try:
+                self.api.ping()
+            except docker.errors.APIError as exc:
+                raise self._unreachable(exc) from exc
+
+    # -- build ----------------------------------------------------------------
+
+    def build(self, context: Path, tag: str, labels: dict[str, str], on_line: Line) -> str:
+        """Build `context` with its Dockerfile (.dockerignore honoured); return the image id."""
+        if not (context / "Dockerfile").is_file():
+            raise BuildError(
+                "the project has no Dockerfile at its root; add one (an Astro "
+                "project's is one line: FROM <runtime image>)."
+            )
+        tail: deque[str] = deque(maxlen=25)
+        current_step = ""
+        image_id = ""
+        with self._engine():
+            try:
+                stream = self.api.build(
+                    path=str(context),
+                    tag=tag,
+                    labels=labels,
+                    rm=True,
+                    forcerm=True,
+                    decode=True,
+                    pull=False,
+                )
+                for chunk in stream:
+                    if "stream" in chunk:
+                        for line in str(chunk["stream"]).splitlines():
+                            if not line.strip():
+                                continue
+                            m = _STEP.match(line)
+                            if m:
+                                current_step = line
+                            tail.append(line)
+                            on_line(line)
+                    if "aux" in chunk and isinstance(chunk["aux"], dict):
+                        image_id = str(chunk["aux"].get("ID", image_id))
+                    if "errorDetail" in chunk or "error" in chunk:
+                        detail = chunk.get("errorDetail") or {}
+                        message = str(detail.get("message") or chunk.get("error") or "").strip()
+                        on_line(message)
+                        raise BuildError(
+                            f"the build failed at {current_step or 'its start'}: {message}",
+                            step=current_step,
+                            tail="\n".join(tail),
+                        )
+            except docker.errors.APIError as exc:
+                raise BuildError(
+                    f"the Docker Engine refused the build: {_short(exc)}", tail="\n".join(tail)
+                ) from exc
+        if not image_id:
+            image_id = str(self.api.inspect_image(tag)["Id"])
+        return image_id
+
+    def workdir(self, image: str) -> str:
+        """The image's WORKDIR (where an Astro image keeps the project), or /usr/local/airflow."""
+        with self._engine():
+            config = self.api.inspect_image(image).get("Config") or {}
+        return str(config.get("WorkingDir") or "/usr/local/airflow")
+
+    # -- checks ---------------------------------------------------------------
+
+    def run_sandboxed(
+        self,
+        image: str,
+        argv: list[str],
+        *,
+        project: Path,
+        mount_at: str,
+        environment: dict[str, str],
+        sandbox: Sandbox,
+        labels: dict[str, str],
+        on_line: Line,
+        stop: threading.Event | None = None,
+    ) -> ContainerRun:
+        """Run `argv` in a container of `image` with no network and the sandbox's limits.
+
+        The project directory is bind-mounted read-only at `mount_at`; the root
+        filesystem is read-only with a tmpfs scratch at /tmp. The container is
+        removed on every path.
+        """
+        cpus = min(sandbox.cpus, float(self.ncpu()))
+        host_config = self.api.create_host_config(
+            network_mode="none",
+            mem_limit=f"{sandbox.memory_mb}m",
+            memswap_limit=f"{sandbox.memory_mb}m",
+            nano_cpus=int(cpus * 1e9),
+            pids_limit=sandbox.pids,
+            read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={sandbox.scratch_mb}m,mode=1777"},
+            binds={str(project): {"bind": mount_at, "mode": "ro"}},
+            security_opt=["no-new-privileges"],
+            cap_drop=["ALL"],
+            init=True,
+        )
+        with self._engine():
+            try:
+                container = self.api.create_container(
+                    image,
+                    command=argv[1:],
+                    entrypoint=argv[:1],
+                    working_dir=mount_at,
+                    environment=environment,
+                    labels={**labels, LABEL_ROLE: "check"},
+                    network_disabled=True,
+                    host_config=host_config,
+                )
+            except docker.errors.APIError as exc:
+                raise DependencyUnreachable(
+                    f"the Docker Engine could not create the check container: {_short(exc)}"
+                ) from exc
+            cid = container["Id"]
+            try:
+                return self._run(cid, sandbox, on_line, stop)
+            finally:
+                with contextlib.suppress(
+                    docker.errors.APIError, requests.exceptions.RequestException
+                ):
+                    self.api.remove_container(cid, force=True)
+
+    def _run(
+        self, cid: str, sandbox: Sandbox, on_line: Line, stop: threading.Event | None
+    ) -> ContainerRun:
+        self.api.start(cid)
+        output: list[str] = []
+        reader = threading.Thread(target=self._read_logs, args=(cid, on_line, output), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + sandbox.timeout_seconds
+        timed_out = False
+        exit_code: int | None = None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or (stop is not None and stop.is_set()):
+                timed_out = left <= 0
+                with contextlib.suppress(docker.errors.APIError):
+                    self.api.kill(cid)
+                break
+            try:
+                result = self.api.wait(cid, timeout=min(left, 1.0))
+                exit_code = int(result.get("StatusCode", -1))
+                break
+            except requests.exceptions.ReadTimeout:
+                continue
+            except requests.exceptions.ConnectionError as exc:
+                if "timed out" in str(exc).lower():
+                    continue
+                raise
+        reader.join(timeout=10)
+        state = self.api.inspect_container(cid).get("State") or {}
+        return ContainerRun(
+            exit_code=exit_code,
+            timed_out=timed_out,
+            oom_killed=bool(state.get("OOMKilled")),
+            output=output,
+        )
+
+    def _read_logs(self, cid: str, on_line: Line, output: list[str]) -> None:
+        buf = b""
+        try:
+            for chunk in self.api.logs(cid, stream=True, follow=True, stdout=True, stderr=True):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    line = raw.decode("utf-8", errors="replace")
+                    output.append(line)
+                    on_line(line)
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            log.warning("reading container logs of %s stopped: %s", cid[:12], exc)
+        if buf:
+            line = buf.decode("utf-8", errors="replace")
+            output.append(line)
+            on_line(line)
+
+    def ncpu(self) -> int:
+        """CPUs of the Docker host (a check may not ask for more)."""
+        if self._ncpu is None:
+            with self._engine():
+                self._ncpu = int(self.api.info().get("NCPU") or 1)
+        return self._ncpu
+
+    def remove_containers(self, labels: dict[str, str]) -> int:
+        """Force-remove every container carrying all of `labels`; return how many."""
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        removed = 0
+        with self._engine():
+            for c in self.api.containers(all=True, filters=filters):
+                with contextlib.suppress(docker.errors.NotFound):
+                    self.api.remove_container(c["Id"], force=True)
+                    removed += 1
+        return removed
+
+    # -- registry -------------------------------------------------------------
+
+    def tag(self, image_id: str, repository: str, tag: str) -> None:
+        """Tag a local image."""
+        with self._engine():
+            self.api.tag(image_id, repository, tag, force=True)
+
+    def untag(self, repository: str, tag: str) -> None:
+        """Remove a local tag (the image stays if other tags name it)."""
+        with self._engine(), contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            self.api.remove_image(f"{repository}:{tag}", noprune=True)
+
+    def push(self, repository: str, tag: str, on_line: Line) -> str:
+        """Push `repository:tag`; return its digest. Transient errors are retried with backoff."""
+        host = registry_host(repository)
+        last = ""
+        for attempt in range(1, PUSH_ATTEMPTS + 1):
+            try:
+                return self._push_once(repository, tag, on_line)
+            except _TransientPush as exc:
+                last = str(exc)
+                if attempt < PUSH_ATTEMPTS:
+                    wait = self.push_backoff * 2 ** (attempt - 1)
+                    on_line(
+                        f"registry error ({last}); retrying in {wait:.1f} s "
+                        f"(attempt {attempt + 1} of {PUSH_ATTEMPTS})"
+                    )
+                    time.sleep(wait)
+        raise DependencyUnreachable(
+            f"the registry {host} could not be reached after {PUSH_ATTEMPTS} attempts: {last}"
+        )
+
+    def _auth(self, repository: str) -> dict[str, str] | None:
+        if not self.registry.username or self.registry.password is None:
+            return None
+        host = registry_host(repository)
+        if self.registry.url and self.registry.url.split("/", 1)[0] != host:
+            return None
+        return {
+            "username": self.registry.username,
+            "password": self.registry.password,
+            "serveraddress": host,
+        }
+
+    def _push_once(self, repository: str, tag: str, on_line: Line) -> str:
+        digest = ""
+        shown: set[tuple[str, str]] = set()
+        try:
+            stream = self.api.push(
+                repository, tag=tag, stream=True, decode=True, auth_config=self._auth(repository)
+            )
+            for event in stream:
+                if "errorDetail" in event or "error" in event:
+                    message = str(
+                        (event.get("errorDetail") or {}).get("message") or event.get("error")
+                    )
+                    if _AUTH_PATTERNS.search(message):
+                        raise RegistryError(
+                            f"the registry {registry_host(repository)} refused the push: "
+                            f"{message}; check [registry] username and password_file."
+                        )
+                    raise _TransientPush(message)
+                aux = event.get("aux")
+                if isinstance(aux, dict) and aux.get("Digest"):
+                    digest = str(aux["Digest"])
+                status = str(event.get("status") or "")
+                ident = str(event.get("id") or "")
+                if status in ("Pushed", "Layer already exists", "Preparing") or status.startswith(
+                    "Mounted from"
+                ):
+                    if status != "Preparing" and (ident, status) not in shown:
+                        shown.add((ident, status))
+                        on_line(f"{ident}: {status}")
+                elif status and "digest:" in status:
+                    on_line(status)
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise self._unreachable(exc) from exc
+        except docker.errors.APIError as exc:
+            message = _short(exc)
+            if _AUTH_PATTERNS.search(message):
+                raise RegistryError(f"the registry refused the push: {message}") from exc
+            raise _TransientPush(message) from exc
+        if not digest:
+            raise _TransientPush("the push ended without a digest")
+        return digest
+
+    # -- housekeeping ---------------------------------------------------------
+
+    def prune(self, deployment: str, keep: int, protect: str | None = None) -> list[str]:
+        """Remove local images of `deployment` beyond the newest `keep` (by deploy id)."""
+        with self._engine():
+            images = self.api.images(filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"})
+
+        def deploy_no(img: dict[str, Any]) -> int:
+            value = (img.get("Labels") or {}).get(LABEL_DEPLOY_ID, "0")
+            return int(value) if str(value).isdecimal() else 0
+
+        images.sort(key=deploy_no, reverse=True)
+        removed = []
+        for img in images[keep:]:
+            if protect and img["Id"] == protect:
+                continue
+            try:
+                self.api.remove_image(img["Id"], force=True)
+                removed.append(str(img["Id"]))
+            except docker.errors.APIError as exc:
+                log.info("kept image %s: %s", img["Id"][:19], _short(exc))
+        return removed
+
+
+class _TransientPush(Exception):
+    """A push error worth retrying (connection refused, 5xx, EOF)."""
+
+
+def registry_host(repository: str) -> str:
+    """The registry host of an image repository (Docker's rule: first part with . or :)."""
+    first, _, rest = repository.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, docker.errors.APIError) and exc.explanation:
+        text = str(exc.explanation)
+    else:
+        text = str(exc)
+    return " ".join(text.split())[:300]

@@ -1,0 +1,90 @@
+"""The log stream of a deploy: every step's output, stored and fanned out.
+
+A deploy writes lines here from any thread; each line is stored in the
+records, printed by the local sink (stderr for the CLI) and handed to live
+subscribers (the SSH push and the HTTP API subscribe in later issues).
+Floods are capped per step so that a build or test that prints megabytes
+floods nobody: the first lines and the last lines are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from daemon.records import Records
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_CHARS = 2000
+HEAD_LINES = 1500
+TAIL_LINES = 200
+
+Sink = Callable[[str], None]
+
+
+class DeployLog:
+    """One deploy's log stream."""
+
+    def __init__(self, records: Records, deploy_id: int, sink: Sink | None = None) -> None:
+        self.records = records
+        self.deploy_id = deploy_id
+        self.sink = sink
+        self._lock = threading.Lock()
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[str | None]]] = []
+        self._counts: dict[str, int] = {}
+        self._tails: dict[str, deque[str]] = {}
+
+    def subscribe(self) -> asyncio.Queue[str | None]:
+        """A queue that receives every later line, then None when the log closes."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        with self._lock:
+            self._subscribers.append((asyncio.get_running_loop(), queue))
+        return queue
+
+    def write(self, line: str, step: str | None = None) -> None:
+        """Add one line (thread-safe); beyond the step's cap it is only counted."""
+        line = line.rstrip("\r\n")
+        if len(line) > MAX_LINE_CHARS:
+            line = line[:MAX_LINE_CHARS] + f" [... {len(line) - MAX_LINE_CHARS} chars cut]"
+        key = step or ""
+        with self._lock:
+            n = self._counts.get(key, 0) + 1
+            self._counts[key] = n
+            if step is not None and n > HEAD_LINES:
+                self._tails.setdefault(key, deque(maxlen=TAIL_LINES)).append(line)
+                return
+            self._emit(line, step)
+
+    def end_step(self, step: str) -> None:
+        """Flush the kept tail of a step whose output was capped."""
+        with self._lock:
+            tail = self._tails.pop(step, None)
+            if not tail:
+                return
+            hidden = self._counts.get(step, 0) - HEAD_LINES - len(tail)
+            if hidden > 0:
+                self._emit(f"[... {hidden} lines of {step} output not shown ...]", step)
+            for line in tail:
+                self._emit(line, step)
+
+    def _emit(self, line: str, step: str | None) -> None:
+        self.records.append_log(self.deploy_id, step, [line])
+        if self.sink is not None:
+            with contextlib.suppress(Exception):
+                self.sink(line)
+        for loop, queue in self._subscribers:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+
+    def close(self) -> None:
+        """Tell subscribers the stream has ended."""
+        with self._lock:
+            for loop, queue in self._subscribers:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
+            self._subscribers.clear()

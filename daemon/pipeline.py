@@ -1,0 +1,236 @@
+"""Runs a deploy: the per-deployment lock, the steps over one context, the records.
+
+    checkout ─► build ─┬─► parse ─► [pytest] ─┬─► push (tag) ─► roll
+                       └─► upload (staging) ──┘
+
+Every transition is written before the action it announces. Whatever the
+outcome, the work dir and the check containers are removed and the lock is
+released; old local images beyond `keep_images` are pruned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from daemon import deploys
+from daemon.context import DeployContext, DeployRequest, Services
+from daemon.errors import Cancelled, DeploydError, UsageError
+from daemon.images import LABEL_DEPLOY_ID
+from daemon.locks import DeploymentLock
+from daemon.logs import DeployLog, Sink
+from daemon.recovery import recover, work_root
+from daemon.steps import build, checkout, parse, push, pytest, roll
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[DeployContext], Awaitable[str]]
+STEP_FUNCTIONS: dict[str, StepFn] = {
+    "checkout": checkout.run,
+    "build": build.run,
+    "parse": parse.run,
+    "pytest": pytest.run,
+    "push": push.run,
+    "roll": roll.run,
+}
+
+
+class DeployOutcome:
+    """The record of a finished deploy and the exit code it maps to."""
+
+    def __init__(self, record: dict[str, Any], exit_code: int) -> None:
+        self.record = record
+        self.exit_code = exit_code
+
+
+def preflight(request: DeployRequest) -> None:
+    """Refuse, before anything is queued, what this version cannot do."""
+    if request.deployment.workloads:
+        raise UsageError(
+            f"deployment {request.deployment.name} names workloads, but this version of "
+            "deployd cannot roll Kubernetes workloads yet; remove `workloads` to build, check "
+            "and push only."
+        )
+
+
+class Pipeline:
+    """Runs deploys over shared adapters."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def run(self, request: DeployRequest, sink: Sink | None = None) -> DeployOutcome:
+        """Queue, wait for the lock, run every step, record the outcome."""
+        preflight(request)
+        records = self.services.records
+        state_dir = self.services.settings.server.state_dir
+        dep = request.deployment
+        deploy_id = records.create_deploy(
+            deployment=dep.name,
+            trigger=request.trigger,
+            actor=request.actor,
+            ref=request.ref,
+            options=request.options,
+            pid=os.getpid(),
+        )
+        records.update(
+            deploy_id,
+            commit_sha=request.commit,
+            description=request.options.description or request.subject,
+        )
+        dlog = DeployLog(records, deploy_id, sink)
+        lock = DeploymentLock(state_dir, dep.name)
+        dlog.write(
+            f"-----> deploy #{deploy_id} of {dep.name}: {request.commit[:12]} "
+            f"({request.subject[:72]})"
+        )
+        try:
+            await lock.acquire(
+                deploy_id,
+                on_wait=lambda ahead: dlog.write(
+                    f"       queued behind deploy #{ahead}" if ahead else "       queued"
+                ),
+            )
+        except BaseException:
+            records.transition(
+                deploy_id, deploys.QUEUED, deploys.CANCELLED, error="cancelled while queued"
+            )
+            dlog.close()
+            raise
+        ctx = DeployContext(
+            deploy_id, request, self.services, dlog, work_root(state_dir, dep.name) / str(deploy_id)
+        )
+        try:
+            return await self._run_locked(ctx, lock)
+        finally:
+            await asyncio.shield(asyncio.to_thread(self._cleanup, ctx))
+            lock.release()
+            dlog.close()
+
+    async def _run_locked(self, ctx: DeployContext, lock: DeploymentLock) -> DeployOutcome:
+        records = self.services.records
+        state_dir = self.services.settings.server.state_dir
+        dep = ctx.deployment
+        for gone in await asyncio.to_thread(
+            recover, records, self.services.images, state_dir, dep.name, lock, current=ctx.id
+        ):
+            ctx.say(f"       deploy #{gone} had died; marked interrupted")
+        plan = deploys.plan(dep, ctx.request.options)
+        records.plan_steps(ctx.id, [(s.name, s.skip_reason) for s in plan])
+        if not records.transition(ctx.id, deploys.QUEUED, deploys.RUNNING, pid=os.getpid()):
+            raise DeploydError(f"deploy #{ctx.id} was changed by someone else while queued.")
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        try:
+            await self._execute(ctx, plan)
+        except asyncio.CancelledError:
+            ctx.stop.set()
+            await self._settle_upload(ctx)
+            self._finish(
+                ctx, deploys.CANCELLED, "the deploy was cancelled (its requester went away)", None
+            )
+            raise
+        except DeploydError as exc:
+            ctx.stop.set()
+            await self._settle_upload(ctx)
+            failed = getattr(exc, "failed_step", None)
+            state = deploys.CANCELLED if isinstance(exc, Cancelled) else deploys.FAILED
+            self._finish(ctx, state, exc.message, failed)
+            return DeployOutcome(self._record(ctx), exc.exit_code)
+        except Exception as exc:
+            ctx.stop.set()
+            await self._settle_upload(ctx)
+            log.exception("deploy #%s failed with an internal error", ctx.id)
+            self._finish(ctx, deploys.FAILED, f"internal error: {type(exc).__name__}: {exc}", None)
+            return DeployOutcome(self._record(ctx), 1)
+        elapsed = time.monotonic() - started
+        ctx.say(
+            f"-----> deployed {dep.image}:{ctx.tag} ({ctx.digest}) as deploy #{ctx.id} "
+            f"in {elapsed:.1f} s"
+        )
+        records.transition(ctx.id, deploys.RUNNING, deploys.SUCCEEDED, step=None)
+        return DeployOutcome(self._record(ctx), 0)
+
+    async def _execute(self, ctx: DeployContext, plan: tuple[deploys.PlannedStep, ...]) -> None:
+        runs = {s.name for s in plan if s.runs}
+        await self._step(ctx, "checkout")
+        await self._step(ctx, "build")
+        # The upload overlaps the checks; the deploy tag waits for them.
+        self.services.records.step_started(ctx.id, "push")
+        ctx.upload = asyncio.create_task(push.upload(ctx))
+        await self._step(ctx, "parse")
+        if "pytest" in runs:
+            await self._step(ctx, "pytest")
+        self.services.records.update(ctx.id, step="push")
+        await self._step(ctx, "push", already_started=True)
+        if "roll" in runs:
+            await self._step(ctx, "roll")
+
+    async def _step(self, ctx: DeployContext, name: str, already_started: bool = False) -> None:
+        records = self.services.records
+        if not already_started:
+            records.step_started(ctx.id, name)
+        ctx.say(f"-----> {name}")
+        t0 = time.monotonic()
+        try:
+            summary = await STEP_FUNCTIONS[name](ctx)
+        except DeploydError as exc:
+            ctx.log.end_step(name)
+            records.step_finished(ctx.id, name, "failed", exc.message)
+            ctx.say(f"       {name} failed after {time.monotonic() - t0:.2f} s: {exc.message}")
+            exc.failed_step = name  # type: ignore[attr-defined]
+            raise
+        except asyncio.CancelledError:
+            records.step_finished(ctx.id, name, "cancelled", "cancelled")
+            raise
+        except Exception as exc:
+            records.step_finished(ctx.id, name, "failed", f"internal error: {exc}")
+            exc.failed_step = name  # type: ignore[attr-defined]
+            raise
+        ctx.log.end_step(name)
+        records.step_finished(ctx.id, name, "succeeded", summary)
+        ctx.say(f"       {name} done in {time.monotonic() - t0:.2f} s: {summary}")
+
+    async def _settle_upload(self, ctx: DeployContext) -> None:
+        """Let a running upload end (its thread cannot be interrupted) and mark the step."""
+        if ctx.upload is None:
+            return
+        if not ctx.upload.done():
+            ctx.say("       waiting for the image upload to stop")
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(ctx.upload)
+        records = self.services.records
+        if "push" in records.running_steps(ctx.id):
+            records.step_finished(ctx.id, "push", "cancelled", "not tagged: an earlier step failed")
+
+    def _finish(self, ctx: DeployContext, state: str, error: str, step: str | None) -> None:
+        records = self.services.records
+        for name in records.running_steps(ctx.id):
+            records.step_finished(ctx.id, name, "cancelled", "stopped")
+        ctx.say(f"-----> deploy #{ctx.id} {state}: {error}")
+        records.transition(
+            ctx.id, deploys.RUNNING, state, error=error, **({"step": step} if step else {})
+        )
+
+    def _record(self, ctx: DeployContext) -> dict[str, Any]:
+        record = self.services.records.get(ctx.id)
+        assert record is not None
+        return record
+
+    def _cleanup(self, ctx: DeployContext) -> None:
+        """Remove the work dir and containers; prune old images. Never raises."""
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
+        images = self.services.images
+        try:
+            images.remove_containers({LABEL_DEPLOY_ID: str(ctx.id)})
+            if ctx.image_id:
+                images.untag(ctx.deployment.image, build.build_tag(ctx))
+            images.prune(ctx.deployment.name, ctx.deployment.keep_images)
+        except DeploydError as exc:
+            log.warning("cleanup after deploy #%s: %s", ctx.id, exc)

@@ -1,0 +1,320 @@
+"""Deploy records in SQLite through sqlite-utils: schema, migrations, queries.
+
+WAL mode, so readers (the CLI, the HTTP API) never block the writer. Every
+state change is a compare-and-set (`UPDATE ... WHERE state = ?`) written
+before the action it announces, so after a crash the records tell what was in
+flight and in which step.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from daemon import deploys
+from daemon.deploys import Options
+
+SCHEMA_VERSION = 1
+
+
+def now() -> float:
+    """Wall-clock time as stored in records (Unix seconds)."""
+    return time.time()
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db["deploys"].create(  # type: ignore[union-attr]
+        {
+            "id": int,
+            "deployment": str,
+            "state": str,
+            "trigger": str,
+            "actor": str,
+            "ref": str,
+            "commit_sha": str,
+            "tree_sha": str,
+            "description": str,
+            "options": str,
+            "image": str,
+            "tag": str,
+            "digest": str,
+            "step": str,
+            "error": str,
+            "report": str,
+            "rollback_of": int,
+            "pid": int,
+            "created_at": float,
+            "started_at": float,
+            "finished_at": float,
+        },
+        pk="id",
+        not_null={"deployment", "state", "trigger", "created_at"},
+    )
+    db["deploys"].create_index(["deployment", "id"])  # type: ignore[union-attr]
+    db["deploys"].create_index(["state"])  # type: ignore[union-attr]
+    db["steps"].create(  # type: ignore[union-attr]
+        {
+            "deploy_id": int,
+            "name": str,
+            "position": int,
+            "state": str,
+            "started_at": float,
+            "finished_at": float,
+            "summary": str,
+        },
+        pk=("deploy_id", "name"),
+        foreign_keys=[("deploy_id", "deploys", "id")],
+    )
+    db["log"].create(  # type: ignore[union-attr]
+        {"id": int, "deploy_id": int, "ts": float, "step": str, "line": str},
+        pk="id",
+        foreign_keys=[("deploy_id", "deploys", "id")],
+    )
+    db["log"].create_index(["deploy_id", "id"])  # type: ignore[union-attr]
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migration_1,)
+
+
+class Records:
+    """The deploy records of one state_dir. Safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        self.db.execute("PRAGMA busy_timeout = 30000")
+        self.db.enable_wal()
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.migrate()
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.conn.close()
+
+    def migrate(self) -> int:
+        """Bring the schema up to SCHEMA_VERSION, one versioned migration at a time."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+                )
+                row = self.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+                current = row[0] or 0
+                for version in range(current + 1, len(MIGRATIONS) + 1):
+                    MIGRATIONS[version - 1](self.db)
+                    self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", [version, now()])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            return len(MIGRATIONS)
+
+    def schema_version(self) -> int:
+        """The newest migration applied."""
+        row = self.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    # -- deploys -------------------------------------------------------------
+
+    def create_deploy(
+        self,
+        *,
+        deployment: str,
+        trigger: str,
+        actor: str,
+        ref: str,
+        options: Options,
+        pid: int,
+        rollback_of: int | None = None,
+    ) -> int:
+        """Record a new deploy in state `queued` and return its id."""
+        with self._lock:
+            table = self.db["deploys"]
+            table.insert(
+                {  # type: ignore[union-attr]
+                    "deployment": deployment,
+                    "state": deploys.QUEUED,
+                    "trigger": trigger,
+                    "actor": actor,
+                    "ref": ref,
+                    "description": options.description,
+                    "options": json.dumps(
+                        {
+                            "force": options.force,
+                            "pytest": options.pytest,
+                            "allow_dirty": options.allow_dirty,
+                        }
+                    ),
+                    "rollback_of": rollback_of,
+                    "pid": pid,
+                    "created_at": now(),
+                }
+            )
+            return int(table.last_pk)  # type: ignore[union-attr,arg-type]
+
+    def transition(self, deploy_id: int, current: str, new: str, **fields: Any) -> bool:
+        """Move a deploy from `current` to `new` (compare-and-set); False if it was not there."""
+        deploys.check_transition(current, new)
+        values = dict(fields)
+        values["state"] = new
+        if new == deploys.RUNNING:
+            values.setdefault("started_at", now())
+        if new in deploys.FINAL_STATES:
+            values.setdefault("finished_at", now())
+        cols = ", ".join(f"[{k}] = ?" for k in values)
+        with self._lock:
+            cur = self.db.execute(
+                f"UPDATE deploys SET {cols} WHERE id = ? AND state = ?",  # noqa: S608
+                [*values.values(), deploy_id, current],
+            )
+            return cur.rowcount == 1
+
+    def update(self, deploy_id: int, **fields: Any) -> None:
+        """Set facts on a deploy (commit, image, tag, digest, current step)."""
+        with self._lock:
+            self.db["deploys"].update(deploy_id, fields)  # type: ignore[union-attr]
+
+    def get(self, deploy_id: int) -> dict[str, Any] | None:
+        """One deploy with its steps, in the shape the CLI and the API print."""
+        row = self.db.execute("SELECT * FROM deploys WHERE id = ?", [deploy_id]).fetchone()
+        if row is None:
+            return None
+        cols = [d[0] for d in self.db.execute("SELECT * FROM deploys LIMIT 0").description]
+        return self._shape(dict(zip(cols, row, strict=True)))
+
+    def list_deploys(self, deployment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest deploys, optionally of one deployment."""
+        where, args = ("WHERE deployment = ?", [deployment]) if deployment else ("", [])
+        rows = self.db.query(
+            f"SELECT * FROM deploys {where} ORDER BY id DESC LIMIT ?",  # noqa: S608
+            [*args, limit],
+        )
+        return [self._shape(r) for r in rows]
+
+    def in_flight(self, deployment: str) -> list[dict[str, Any]]:
+        """Deploys of `deployment` still queued or running, oldest first."""
+        rows = self.db.query(
+            "SELECT * FROM deploys WHERE deployment = ? AND state IN (?, ?) ORDER BY id",
+            [deployment, deploys.QUEUED, deploys.RUNNING],
+        )
+        return [self._shape(r) for r in rows]
+
+    def last_succeeded(self, deployment: str) -> dict[str, Any] | None:
+        """The newest successful deploy of `deployment`."""
+        for row in self.db.query(
+            "SELECT * FROM deploys WHERE deployment = ? AND state = ? ORDER BY id DESC LIMIT 1",
+            [deployment, deploys.SUCCEEDED],
+        ):
+            return self._shape(row)
+        return None
+
+    def _shape(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            "id": row["id"],
+            "deployment": row["deployment"],
+            "state": row["state"],
+            "trigger": row["trigger"],
+            "actor": row["actor"],
+            "ref": row["ref"],
+            "commit": row["commit_sha"],
+            "tree": row["tree_sha"],
+            "description": row["description"] or "",
+            "options": json.loads(row["options"] or "{}"),
+            "image": row["image"],
+            "tag": row["tag"],
+            "digest": row["digest"],
+            "step": row["step"],
+            "error": row["error"],
+            "rollback_of": row["rollback_of"],
+            "report": json.loads(row["report"]) if row["report"] else None,
+            "created_at": row["created_at"],
+            "started_at": row["started_at"],
+            "finished_at": row["finished_at"],
+        }
+        out["steps"] = [
+            {k: s[k] for k in ("name", "state", "started_at", "finished_at", "summary")}
+            for s in self.db.query(
+                "SELECT * FROM steps WHERE deploy_id = ? ORDER BY position", [row["id"]]
+            )
+        ]
+        return out
+
+    # -- steps ---------------------------------------------------------------
+
+    def plan_steps(self, deploy_id: int, steps: list[tuple[str, str]]) -> None:
+        """Write the planned steps: (name, skip reason or '') in order."""
+        with self._lock:
+            self.db["steps"].insert_all(  # type: ignore[union-attr]
+                [
+                    {
+                        "deploy_id": deploy_id,
+                        "name": name,
+                        "position": i,
+                        "state": "skipped" if skip else "pending",
+                        "summary": skip or None,
+                    }
+                    for i, (name, skip) in enumerate(steps)
+                ],
+                replace=True,
+            )
+
+    def step_started(self, deploy_id: int, name: str) -> None:
+        """Mark a step running (and the deploy's current step) before it acts."""
+        with self._lock:
+            self.db.execute(
+                "UPDATE steps SET state = 'running', started_at = ? "
+                "WHERE deploy_id = ? AND name = ?",
+                [now(), deploy_id, name],
+            )
+            self.db.execute("UPDATE deploys SET step = ? WHERE id = ?", [name, deploy_id])
+
+    def step_finished(self, deploy_id: int, name: str, state: str, summary: str) -> None:
+        """Mark a step succeeded, failed, cancelled or interrupted, with a one-line summary."""
+        with self._lock:
+            self.db.execute(
+                "UPDATE steps SET state = ?, finished_at = ?, summary = ? "
+                "WHERE deploy_id = ? AND name = ?",
+                [state, now(), summary, deploy_id, name],
+            )
+
+    def running_steps(self, deploy_id: int) -> list[str]:
+        """Names of the steps recorded as running, in plan order."""
+        return [
+            r["name"]
+            for r in self.db.query(
+                "SELECT name FROM steps WHERE deploy_id = ? AND state = 'running' "
+                "ORDER BY position",
+                [deploy_id],
+            )
+        ]
+
+    # -- log -----------------------------------------------------------------
+
+    def append_log(self, deploy_id: int, step: str | None, lines: list[str]) -> None:
+        """Store log lines of a deploy."""
+        ts = now()
+        with self._lock:
+            self.db["log"].insert_all(  # type: ignore[union-attr]
+                [{"deploy_id": deploy_id, "ts": ts, "step": step, "line": line} for line in lines]
+            )
+
+    def log_lines(self, deploy_id: int, after: int = 0) -> list[dict[str, Any]]:
+        """Log lines of a deploy with id > `after`, oldest first."""
+        return list(
+            self.db.query(
+                "SELECT id, ts, step, line FROM log WHERE deploy_id = ? AND id > ? ORDER BY id",
+                [deploy_id, after],
+            )
+        )

@@ -1,0 +1,89 @@
+"""After a crash: mark dead deploys `interrupted` and remove what they left behind.
+
+Runs with the deployment's lock held, so no live deploy of that deployment can
+be running: any record still `running` belongs to a process that died (the
+kernel dropped its flock). A `queued` record is dead when its waiter is gone
+and its process no longer exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from daemon import deploys
+from daemon.errors import DeploydError
+from daemon.images import LABEL_DEPLOYMENT, Images
+from daemon.locks import DeploymentLock
+from daemon.records import Records
+
+log = logging.getLogger(__name__)
+
+
+def work_root(state_dir: Path, deployment: str) -> Path:
+    """Where the work dirs of a deployment's deploys live."""
+    return state_dir / "work" / deployment
+
+
+def recover(
+    records: Records,
+    images: Images | None,
+    state_dir: Path,
+    deployment: str,
+    lock: DeploymentLock,
+    *,
+    current: int | None = None,
+) -> list[int]:
+    """Mark dead deploys of `deployment` interrupted and clean up; return their ids."""
+    assert lock.held, "recover() needs the deployment lock"
+    marked = []
+    for rec in records.in_flight(deployment):
+        if rec["id"] == current:
+            continue
+        if rec["state"] == deploys.QUEUED and (
+            lock.live_waiter(rec["id"]) or _pid_alive(rec.get("pid"))
+        ):
+            continue
+        steps = records.running_steps(rec["id"])
+        for name in steps:
+            records.step_finished(rec["id"], name, "interrupted", "the deploying process died")
+        where = "+".join(steps) or rec.get("step") or ""
+        during = f"during {where}" if where else "while queued"
+        if records.transition(
+            rec["id"],
+            rec["state"],
+            deploys.INTERRUPTED,
+            step=where or None,
+            error=f"the deploying process stopped {during}; nothing of this deploy was kept.",
+        ):
+            marked.append(rec["id"])
+            log.warning("deploy #%s of %s marked interrupted (%s)", rec["id"], deployment, during)
+    _clean_work_dirs(work_root(state_dir, deployment), keep=current)
+    if images is not None:
+        with contextlib.suppress(DeploydError):
+            images.remove_containers({LABEL_DEPLOYMENT: deployment})
+    return marked
+
+
+def _clean_work_dirs(root: Path, keep: int | None) -> None:
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        if keep is not None and child.name == str(keep):
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

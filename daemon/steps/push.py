@@ -1,0 +1,48 @@
+"""Push: upload the image while the checks run, then set the deploy tag and record the digest.
+
+The upload goes under a fixed staging tag (not a deploy tag) so the layers
+are in the registry by the time the checks pass; the deploy tag is pushed only
+after them, which then moves only the manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from daemon import deploys
+from daemon.context import DeployContext
+from daemon.images import STAGING_TAG
+
+
+async def upload(ctx: DeployContext) -> str:
+    """Push the built image under the staging tag; return its digest."""
+    images = ctx.services.images
+    repo = ctx.deployment.image
+    await asyncio.to_thread(images.tag, ctx.image_id, repo, STAGING_TAG)
+    return await asyncio.to_thread(
+        images.push, repo, STAGING_TAG, lambda line: ctx.say(line, "push")
+    )
+
+
+async def run(ctx: DeployContext) -> str:
+    """Wait for the upload, then push IMAGE:TAG and record tag and digest."""
+    images = ctx.services.images
+    repo = ctx.deployment.image
+    if ctx.upload is not None:
+        await ctx.upload
+    ctx.tag = deploys.image_tag(
+        ctx.deployment.tag_template,
+        deploy_id=ctx.id,
+        commit=ctx.request.commit,
+        when=datetime.now(UTC),
+    )
+    await asyncio.to_thread(images.tag, ctx.image_id, repo, ctx.tag)
+    try:
+        ctx.digest = await asyncio.to_thread(
+            images.push, repo, ctx.tag, lambda line: ctx.say(line, "push")
+        )
+    finally:
+        await asyncio.to_thread(images.untag, repo, STAGING_TAG)
+    ctx.services.records.update(ctx.id, image=repo, tag=ctx.tag, digest=ctx.digest)
+    return f"{repo}:{ctx.tag}@{ctx.digest}"

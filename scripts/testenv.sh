@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Brings up (or down) what deployd's tests, benchmarks and quickstart need on a
+# fresh Debian 12 machine as root: Docker Engine, a local registry with
+# htpasswd auth, and local base images (busybox; Python + real Apache Airflow
+# that behaves like Astro's runtime image). Nothing is pulled: there is no
+# reachable container registry here, so the base images are made locally and
+# cached per machine in $CACHE.
+#
+#   scripts/testenv.sh up     # idempotent; writes $RUN/env for the tests
+#   scripts/testenv.sh down   # stops dockerd and the registry it started
+set -euo pipefail
+
+CACHE=${DEPLOYD_TESTENV_CACHE:-/var/cache/deployd-testenv}
+RUN=${DEPLOYD_TESTENV_RUN:-/run/deployd-testenv}
+AIRFLOW_VERSION=${AIRFLOW_VERSION:-3.3.2}
+REGISTRY_PORT=${REGISTRY_PORT:-5959}
+DOCKER_SOCK=$RUN/docker.sock
+export DOCKER_HOST=unix://$DOCKER_SOCK
+
+log() { printf -- '-----> %s\n' "$*" >&2; }
+
+install_packages() {
+    local missing=()
+    command -v dockerd >/dev/null || missing+=(docker.io)
+    command -v docker-registry >/dev/null || missing+=(docker-registry)
+    command -v htpasswd >/dev/null || missing+=(apache2-utils)
+    [ -x /bin/busybox ] && busybox --list 2>/dev/null | grep -qx sh || missing+=(busybox-static)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v git >/dev/null || missing+=(git)
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+start_dockerd() {
+    mkdir -p "$RUN" "$CACHE/docker"
+    if docker version >/dev/null 2>&1; then return; fi
+    log "starting dockerd on $DOCKER_SOCK"
+    nohup dockerd --bridge=none --iptables=false --ip-masq=false \
+        --data-root "$CACHE/docker" --exec-root "$RUN/exec" --pidfile "$RUN/dockerd.pid" \
+        -H "$DOCKER_HOST" >"$RUN/dockerd.log" 2>&1 &
+    for _ in $(seq 1 100); do
+        docker version >/dev/null 2>&1 && return
+        sleep 0.2
+    done
+    echo "dockerd did not start; see $RUN/dockerd.log" >&2
+    tail -n 20 "$RUN/dockerd.log" >&2
+    exit 1
+}
+
+start_registry() {
+    mkdir -p "$RUN/registry-data"
+    if [ -f "$RUN/registry.pid" ] && kill -0 "$(cat "$RUN/registry.pid")" 2>/dev/null; then return; fi
+    log "starting registry on 127.0.0.1:$REGISTRY_PORT (htpasswd auth)"
+    printf 'deployd-test-password\n' >"$RUN/registry-password"
+    htpasswd -Bbn deployd deployd-test-password >"$RUN/htpasswd"
+    cat >"$RUN/registry.yml" <<YML
+version: 0.1
+log: {level: error}
+storage:
+  filesystem: {rootdirectory: $RUN/registry-data}
+  delete: {enabled: true}
+http: {addr: 127.0.0.1:$REGISTRY_PORT}
+auth:
+  htpasswd: {realm: deployd-test, path: $RUN/htpasswd}
+YML
+    nohup docker-registry serve "$RUN/registry.yml" >"$RUN/registry.log" 2>&1 &
+    echo $! >"$RUN/registry.pid"
+    for _ in $(seq 1 100); do
+        code=$(python3 -c "import urllib.request,sys
+try: urllib.request.urlopen('http://127.0.0.1:$REGISTRY_PORT/v2/')
+except urllib.error.HTTPError as e: print(e.code)
+except Exception: print(0)
+else: print(200)")
+        [ "$code" = 401 ] && return
+        sleep 0.2
+    done
+    echo "registry did not start; see $RUN/registry.log" >&2
+    exit 1
+}
+
+build_busybox_image() {
+    docker image inspect deployd-test/busybox:1 >/dev/null 2>&1 && return
+    log "making deployd-test/busybox:1 from busybox-static"
+    local dir; dir=$(mktemp -d)
+    mkdir -p "$dir/bin"
+    cp /bin/busybox "$dir/bin/busybox"
+    for app in sh echo cat ls sleep true false mkdir rm cp env printf head tail seq dd yes; do
+        ln -s busybox "$dir/bin/$app"
+    done
+    tar -C "$dir" -c . | docker import -c 'ENV PATH=/bin' -c 'CMD ["/bin/sh"]' - deployd-test/busybox:1 >/dev/null
+    rm -rf "$dir"
+}
+
+build_airflow_image() {
+    local tag=deployd-test/airflow:$AIRFLOW_VERSION
+    docker image inspect "$tag" >/dev/null 2>&1 && return
+    if [ ! -f "$CACHE/bookworm-python.tar" ]; then
+        log "debootstrap bookworm with python3 (about 40 s, once per machine)"
+        local root="$CACHE/bookworm.partial"
+        rm -rf "$root"
+        debootstrap --variant=minbase --include=python3 bookworm "$root" >"$CACHE/debootstrap.log" 2>&1 \
+            || { tail -n 20 "$CACHE/debootstrap.log" >&2; exit 1; }
+        rm -rf "$root/var/cache/apt/archives/"*.deb
+        tar -C "$root" -cf "$CACHE/bookworm-python.tar.partial" .
+        mv "$CACHE/bookworm-python.tar.partial" "$CACHE/bookworm-python.tar"
+        rm -rf "$root"
+    fi
+    if [ ! -d "$CACHE/airflow-$AIRFLOW_VERSION" ]; then
+        log "pip install apache-airflow==$AIRFLOW_VERSION (about 30 s, once per machine)"
+        rm -rf "$CACHE/airflow-$AIRFLOW_VERSION.partial"
+        python3 -m pip install -q --disable-pip-version-check --target "$CACHE/airflow-$AIRFLOW_VERSION.partial" \
+            "apache-airflow==$AIRFLOW_VERSION" pytest
+        mv "$CACHE/airflow-$AIRFLOW_VERSION.partial" "$CACHE/airflow-$AIRFLOW_VERSION"
+    fi
+    log "importing $tag"
+    local base=deployd-test/bookworm-python:1
+    docker image inspect "$base" >/dev/null 2>&1 \
+        || docker import "$CACHE/bookworm-python.tar" "$base" >/dev/null
+    # The Airflow packages go in as one layer over the Python base, like a
+    # runtime image; ONBUILD COPY makes a project's Dockerfile one FROM line.
+    local ctx; ctx=$(mktemp -d)
+    ln -s "$CACHE/airflow-$AIRFLOW_VERSION" "$ctx/site"
+    tar -C "$ctx" -ch --transform 's,^\./site,./opt/airflow-site,' ./site \
+        | docker import -c "ENV PYTHONPATH=/opt/airflow-site" -c "ENV PATH=/opt/airflow-site/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+            -c "ENV AIRFLOW_HOME=/usr/local/airflow" - deployd-test/airflow-site:$AIRFLOW_VERSION >/dev/null
+    rm -rf "$ctx"
+    # docker import makes a single-layer image; stack them with a tiny build.
+    ctx=$(mktemp -d)
+    cat >"$ctx/Dockerfile" <<DOCKERFILE
+FROM deployd-test/airflow-site:$AIRFLOW_VERSION AS site
+FROM $base
+COPY --from=site /opt/airflow-site /opt/airflow-site
+ENV PYTHONPATH=/opt/airflow-site \
+    PATH=/opt/airflow-site/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    AIRFLOW_HOME=/usr/local/airflow \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /usr/local/airflow
+ONBUILD COPY . .
+DOCKERFILE
+    DOCKER_BUILDKIT=0 docker build -q -t "$tag" "$ctx" >/dev/null
+    rm -rf "$ctx"
+    docker image rm deployd-test/airflow-site:$AIRFLOW_VERSION >/dev/null
+}
+
+write_env() {
+    cat >"$RUN/env" <<ENV
+DOCKER_HOST=$DOCKER_HOST
+DEPLOYD_TEST_REGISTRY=127.0.0.1:$REGISTRY_PORT
+DEPLOYD_TEST_REGISTRY_USER=deployd
+DEPLOYD_TEST_REGISTRY_PASSWORD_FILE=$RUN/registry-password
+DEPLOYD_TEST_BUSYBOX_IMAGE=deployd-test/busybox:1
+DEPLOYD_TEST_AIRFLOW_IMAGE=deployd-test/airflow:$AIRFLOW_VERSION
+ENV
+}
+
+down() {
+    if [ -f "$RUN/registry.pid" ]; then kill "$(cat "$RUN/registry.pid")" 2>/dev/null || true; rm -f "$RUN/registry.pid"; fi
+    if [ -f "$RUN/dockerd.pid" ]; then
+        local pid; pid=$(cat "$RUN/dockerd.pid")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+    rm -rf "$RUN/registry-data"
+}
+
+case "${1:-up}" in
+    up)
+        install_packages
+        start_dockerd
+        start_registry
+        build_busybox_image
+        build_airflow_image
+        write_env
+        log "test environment ready: $RUN/env"
+        ;;
+    down) down ;;
+    *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
