@@ -15,6 +15,7 @@ _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 # git check-ref-format's rules, minus what we never accept (no "@{", no "..").
 _REF_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+/-]{0,254}")
 _SHA = re.compile(r"[0-9a-f]{40}")
+_DECIMAL = re.compile(r"[0-9]{1,18}")
 
 
 def deployment_name(value: str) -> str:
@@ -58,6 +59,6 @@ def commit_sha(value: str) -> str:
 def deploy_id(value: str | int) -> int:
     """Return a deploy id as an int, refusing anything but a positive decimal number."""
     text = str(value)
-    if not text.isdecimal() or len(text) > 18 or int(text) < 1:
+    if not _DECIMAL.fullmatch(text) or int(text) < 1:
         raise InvalidName(f"{text!r} is not a deploy id (a positive number).")
     return int(text)

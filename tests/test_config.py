@@ -1,0 +1,217 @@
+"""The TOML configuration: every key, its type and default, and one clear error per problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon import config
+from daemon.errors import ConfigError, UnknownDeployment
+
+FULL = """
+[server]
+state_dir = "{tmp}/state"
+ssh_listen = "0.0.0.0:2222"
+http_listen = "127.0.0.1:8080"
+public_url = "https://deploy.example.com"
+api_token_file = "api-token"
+shutdown_grace_seconds = 600
+
+[docker]
+host = "unix:///var/run/docker.sock"
+
+[registry]
+url = "registry.example.com/airflow"
+username = "robot"
+password_file = "registry-password"
+
+[kubernetes]
+kubeconfig = "~/.kube/config"
+
+[github]
+webhook_secret_file = "webhook-secrets"
+token_file = "github-token"
+api_url = "https://api.github.com"
+
+[[deployment]]
+name = "prod"
+branch = "main"
+github_repo = "acme/airflow-dags"
+fetch_url = "git@github.com:acme/airflow-dags.git"
+fetch_key_file = "deploy-key"
+image = "registry.example.com/airflow/prod"
+tag_template = "deploy-{{time}}-{{sha7}}-{{id}}"
+namespace = "airflow"
+workloads = ["deployment/airflow-scheduler", "statefulset/airflow-worker"]
+worker_workloads = ["statefulset/airflow-worker"]
+containers = []
+worker_grace_seconds = 86400
+rollout_timeout_seconds = 900
+pytest = false
+check_memory_mb = 2048
+check_cpus = 2
+check_timeout_seconds = 600
+import_timeout_seconds = 30
+integrity_test = "auto"
+keep_images = 10
+
+[[deployment]]
+name = "staging"
+image = "registry.example.com/airflow/staging"
+
+[[key]]
+name = "alice"
+public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx alice@laptop"
+deployments = ["prod", "staging"]
+
+[[key]]
+name = "root"
+public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGy root@ci"
+admin = true
+"""
+
+
+@pytest.fixture
+def secrets(tmp_path: Path) -> Path:
+    (tmp_path / "api-token").write_text("t0ken\n")
+    (tmp_path / "registry-password").write_text("s3cret\n")
+    (tmp_path / "webhook-secrets").write_text("new-secret\nold-secret\n")
+    (tmp_path / "github-token").write_text("ghp_x\n")
+    (tmp_path / "deploy-key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    return tmp_path
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "deployd.toml"
+    path.write_text(text.replace("{tmp}", str(tmp_path)) if "{{" not in text
+                    else text.format(tmp=tmp_path))
+    return path
+
+
+def test_full_config_loads_every_key(secrets: Path) -> None:
+    settings = config.load(write(secrets, FULL))
+    assert settings.server.state_dir == secrets / "state"
+    assert settings.server.api_token == "t0ken"
+    assert settings.registry.password == "s3cret"
+    assert settings.github.webhook_secrets == ("new-secret", "old-secret")
+    assert settings.kubernetes.kubeconfig == Path("~/.kube/config").expanduser()
+    prod = settings.deployment("prod")
+    assert [str(w) for w in prod.workloads] == ["deployment/airflow-scheduler",
+                                                "statefulset/airflow-worker"]
+    assert prod.fetch_key_file == secrets / "deploy-key"
+    assert prod.check_cpus == 2.0
+    staging = settings.deployment("staging")
+    assert staging.branch == "main" and staging.tag_template == config.DEFAULT_TAG_TEMPLATE
+    assert staging.keep_images == 10 and staging.integrity_test == "auto"
+    assert settings.keys[1].admin and settings.keys[0].deployments == ("prod", "staging")
+
+
+def test_secrets_are_not_in_repr(secrets: Path) -> None:
+    settings = config.load(write(secrets, FULL))
+    assert "s3cret" not in repr(settings) and "t0ken" not in repr(settings)
+
+
+def test_minimal_config_takes_defaults(tmp_path: Path) -> None:
+    settings = config.load(write(tmp_path, '[[deployment]]\nname = "dev"\nimage = "reg.io/a/b"\n'))
+    assert settings.server.state_dir == Path("/var/lib/deployd")
+    assert settings.docker.host == "unix:///var/run/docker.sock"
+    assert settings.deployment("dev").workloads == ()
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), [
+    ('[[deployment]]\nimage = "reg.io/a/b"\n', "deployment[0].name", "required but missing"),
+    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nkeep_images = "ten"\n',
+     "deployment[0].keep_images", "must be an integer, not a string"),
+    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\npytest = 1\n',
+     "deployment[0].pytest", "must be true or false"),
+    ('[server]\nstate_dir = "/x"\nflavour = "vanilla"\n', "server.flavour", "unknown key"),
+    ('colour = "blue"\n', "colour", "unknown key"),
+    ('[docker]\nhots = "unix:///x"\n', "docker.hots", "unknown key"),
+    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\n[[deployment]]\nname = "p"\n'
+     'image = "reg.io/a/c"\n', "deployment[1].name", "duplicate deployment name"),
+    ('[[deployment]]\nname = "Prod_1"\nimage = "reg.io/a/b"\n', "deployment[0].name",
+     "not a valid deployment name"),
+    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b:latest"\n', "deployment[0].image", "tag"),
+    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\ntag_template = "v-{sha7}"\n',
+     "deployment[0].tag_template", "must contain {id}"),
+    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\ntag_template = "{id}-{branch}"\n',
+     "deployment[0].tag_template", "unknown placeholder {branch}"),
+    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nworkloads = ["deployment/a"]\n'
+     'worker_workloads = ["statefulset/w"]\n', "deployment[0].worker_workloads",
+     "not in workloads"),
+    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nworkloads = ["pod/a"]\n',
+     "deployment[0].workloads[0]", "not deployment/NAME"),
+    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nimport_timeout_seconds = 0\n',
+     "deployment[0].import_timeout_seconds", "at least 1"),
+    ('[registry]\nusername = "u"\npassword_file = "/nonexistent/pw"\n',
+     "registry.password_file", "cannot read secret file /nonexistent/pw"),
+    ('[server]\nhttp_listen = "8080"\n', "server.http_listen", "not HOST:PORT"),
+    ('[[key]]\nname = "bob"\npublic_key = "ssh-ed25519 AAAA"\ndeployments = ["nope"]\n',
+     "key[0].deployments", "no deployment named 'nope'"),
+    ("[server\n", "", "not valid TOML"),
+])
+def test_bad_config_names_key_and_problem(tmp_path: Path, text: str, key: str,
+                                          problem: str) -> None:
+    path = tmp_path / "deployd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert info.value.key == key
+    assert problem in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_empty_secret_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("\n")
+    path = write(tmp_path, '[registry]\nusername = "u"\npassword_file = "pw"\n')
+    with pytest.raises(ConfigError, match="registry.password_file: secret file .* is empty"):
+        config.load(path)
+
+
+def test_unknown_deployment(tmp_path: Path) -> None:
+    settings = config.load(write(tmp_path, '[[deployment]]\nname = "dev"\nimage = "r.io/a/b"\n'))
+    with pytest.raises(UnknownDeployment, match="known: dev"):
+        settings.deployment("prod")
+
+
+def test_config_path_precedence(tmp_path: Path) -> None:
+    assert config.resolve_path("/a.toml", {"DEPLOYD_CONFIG": "/b.toml"}) == Path("/a.toml")
+    assert config.resolve_path(None, {"DEPLOYD_CONFIG": "/b.toml"}) == Path("/b.toml")
+    assert config.resolve_path(None, {}) == Path("/etc/deployd/deployd.toml")
+
+
+def _check_config(*args: str, env: dict[str, str] | None = None,
+                  ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True,
+                          text=True, env=env, check=False,
+                          cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_check_config_prints_deployments(secrets: Path) -> None:
+    path = write(secrets, FULL)
+    proc = _check_config("check-config", "--config", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "deployment prod: branch main -> registry.example.com/airflow/prod" in proc.stdout
+    assert "deployment staging" in proc.stdout and "key root: admin" in proc.stdout
+
+
+def test_check_config_error_is_one_line_exit_2(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[deployment]]\nname = "p"\nimage = "r.io/a/b"\nwat = 1\n')
+    proc = _check_config("--config", str(path), "check-config")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "deployd: config: deployment[0].wat: unknown key."
+
+
+def test_check_config_reads_deployd_config_env(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[deployment]]\nname = "envdep"\nimage = "r.io/a/b"\n')
+    import os
+    proc = _check_config("check-config", env={**os.environ, "DEPLOYD_CONFIG": str(path)})
+    assert proc.returncode == 0 and "deployment envdep" in proc.stdout
+
+
+def test_missing_config_file_exit_2(tmp_path: Path) -> None:
+    proc = _check_config("check-config", "--config", str(tmp_path / "nope.toml"))
+    assert proc.returncode == 2 and "cannot read" in proc.stderr

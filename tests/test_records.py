@@ -1,0 +1,84 @@
+"""SQLite records: schema versions, WAL, compare-and-set transitions, steps and log."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from daemon import deploys
+from daemon.deploys import Options, TransitionError
+from daemon.records import SCHEMA_VERSION, Records
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Records:
+    return Records(tmp_path / "deployd.db")
+
+
+def new(records: Records) -> int:
+    return records.create_deploy(deployment="prod", trigger="cli", actor="ada@host",
+                                 ref="refs/heads/main", options=Options(force=True), pid=1)
+
+
+def test_schema_is_versioned_and_wal(records: Records, tmp_path: Path) -> None:
+    assert records.schema_version() == SCHEMA_VERSION
+    mode = sqlite3.connect(tmp_path / "deployd.db").execute("PRAGMA journal_mode").fetchone()
+    assert mode[0] == "wal"
+    # Opening again applies nothing twice.
+    again = Records(tmp_path / "deployd.db")
+    assert again.schema_version() == SCHEMA_VERSION
+    rows = again.db.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()
+    assert rows[0] == SCHEMA_VERSION
+
+
+def test_deploy_lifecycle(records: Records) -> None:
+    did = new(records)
+    rec = records.get(did)
+    assert rec is not None and rec["state"] == "queued" and rec["options"]["force"] is True
+    records.plan_steps(did, [("checkout", ""), ("pytest", "skipped: not requested")])
+    assert records.transition(did, deploys.QUEUED, deploys.RUNNING)
+    records.step_started(did, "checkout")
+    assert records.running_steps(did) == ["checkout"]
+    assert records.get(did)["step"] == "checkout"  # type: ignore[index]
+    records.step_finished(did, "checkout", "succeeded", "abc (3 files)")
+    assert records.transition(did, deploys.RUNNING, deploys.SUCCEEDED, step=None)
+    rec = records.get(did)
+    assert rec is not None and rec["state"] == "succeeded" and rec["finished_at"]
+    assert [(s["name"], s["state"]) for s in rec["steps"]] == [
+        ("checkout", "succeeded"), ("pytest", "skipped")]
+
+
+def test_transition_is_compare_and_set(records: Records) -> None:
+    did = new(records)
+    assert records.transition(did, deploys.QUEUED, deploys.RUNNING)
+    # A second writer that still believes the deploy is queued loses.
+    assert not records.transition(did, deploys.QUEUED, deploys.CANCELLED)
+    assert records.get(did)["state"] == "running"  # type: ignore[index]
+
+
+def test_transition_refuses_illegal_moves(records: Records) -> None:
+    did = new(records)
+    with pytest.raises(TransitionError):
+        records.transition(did, deploys.QUEUED, deploys.SUCCEEDED)
+
+
+def test_ids_grow_and_log_is_ordered(records: Records) -> None:
+    a, b = new(records), new(records)
+    assert b > a
+    records.append_log(a, "build", ["one", "two"])
+    records.append_log(a, None, ["three"])
+    lines = records.log_lines(a)
+    assert [r["line"] for r in lines] == ["one", "two", "three"]
+    assert [r["line"] for r in records.log_lines(a, after=lines[0]["id"])] == ["two", "three"]
+    assert records.log_lines(b) == []
+
+
+def test_list_and_in_flight(records: Records) -> None:
+    a, b = new(records), new(records)
+    records.transition(a, deploys.QUEUED, deploys.RUNNING)
+    records.transition(a, deploys.RUNNING, deploys.FAILED, error="boom")
+    assert [r["id"] for r in records.in_flight("prod")] == [b]
+    assert [r["id"] for r in records.list_deploys("prod")] == [b, a]
+    assert records.list_deploys("other") == []
