@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
-class TestEnv:
+class Infra:
     """What scripts/testenv.sh started."""
 
     docker_host: str
@@ -55,13 +55,13 @@ class TestEnv:
 
 
 @pytest.fixture(scope="session")
-def testenv() -> TestEnv:
+def testenv() -> Infra:
     """The running test environment (fails with instructions if it is not up)."""
     if not ENV_FILE.is_file():
         pytest.fail(f"{ENV_FILE} is missing: run `bash scripts/testenv.sh up` first "
                     "(scripts/test.sh does).")
     values = dict(line.split("=", 1) for line in ENV_FILE.read_text().splitlines() if "=" in line)
-    return TestEnv(
+    return Infra(
         docker_host=values["DOCKER_HOST"],
         registry=values["DEPLOYD_TEST_REGISTRY"],
         registry_user=values["DEPLOYD_TEST_REGISTRY_USER"],
@@ -72,13 +72,13 @@ def testenv() -> TestEnv:
 
 
 @pytest.fixture(scope="session")
-def docker_api(testenv: TestEnv):  # type: ignore[no-untyped-def]
+def docker_api(testenv: Infra):  # type: ignore[no-untyped-def]
     import docker
 
     return docker.APIClient(base_url=testenv.docker_host, version="1.41")
 
 
-def write_config(path: Path, testenv: TestEnv, state_dir: Path, *,
+def write_config(path: Path, testenv: Infra, state_dir: Path, *,
                  deployments: list[dict[str, object]], registry: dict[str, str] | None = None,
                  ) -> Path:
     """Write a deployd.toml for the test environment."""
@@ -130,7 +130,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture
-def make_deployd(tmp_path: Path, testenv: TestEnv):  # type: ignore[no-untyped-def]
+def make_deployd(tmp_path: Path, testenv: Infra):  # type: ignore[no-untyped-def]
     """Factory: a Deployd over a fresh state_dir with the given deployments."""
     def factory(*deployments: dict[str, object], registry: dict[str, str] | None = None,
                 ) -> Deployd:

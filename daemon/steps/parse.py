@@ -36,10 +36,10 @@ async def run(ctx: DeployContext) -> str:
     run, _ = await sandbox.run_python(
         ctx, "parse", ["-c", source], {"DEPLOYD_CHECK": config}, on_line=on_line
     )
-    bad = sandbox.ended_badly(run, "the DAG check", dep.check_timeout_seconds)
-    if bad:
-        raise CheckError(bad + ".")
     if not result_lines:
+        bad = sandbox.ended_badly(run, "the DAG check", dep.check_timeout_seconds)
+        if bad:
+            raise CheckError(bad + ".")
         raise CheckError(
             f"the DAG check ended (exit status {run.exit_code}) without a report; "
             "see the log above."

@@ -8,7 +8,10 @@ from daemon.context import DeployContext
 from daemon.errors import CheckError
 from daemon.steps import sandbox
 
-_SUMMARY = re.compile(r"^=+ (.*(passed|failed|error|no tests ran).*) in [0-9.]+s.*=+$")
+_SUMMARY = re.compile(
+    r"^=*\s*(\d+ (?:passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)"
+    r"(?:, \d+ \w+)*|no tests ran) in [0-9.]+s.*$"
+)
 
 
 async def run(ctx: DeployContext) -> str:

@@ -67,8 +67,10 @@ def ended_badly(run: ContainerRun, what: str, timeout: int) -> str:
     """Why a check container did not finish normally, or '' if it did."""
     if run.timed_out:
         return f"{what} did not finish within {timeout} s (check_timeout_seconds)"
-    if run.oom_killed:
-        return f"{what} was killed: it ran out of memory (check_memory_mb)"
     if run.exit_code is None:
         return f"{what} was stopped"
+    if run.oom_killed and run.exit_code != 0:
+        # OOMKilled is set when any process in the container was killed; it
+        # only explains the outcome when the main process failed too.
+        return f"{what} was killed: it ran out of memory (check_memory_mb)"
     return ""
