@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import json
 import os
+import pwd
 import sys
 import time
 from collections.abc import Callable
@@ -241,7 +242,10 @@ def _recover_if_idle(settings: config_mod.Settings, records: Records, deployment
 
 
 def _actor() -> str:
-    user = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = os.environ.get("USER") or str(os.getuid())
     host = os.uname().nodename
     return f"{user}@{host}"[:64]
 

@@ -41,6 +41,8 @@ _AUTH_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+# The legacy builder's bookkeeping lines; kept for error tails, not shown.
+_BUILD_NOISE = re.compile(r"^( ---> |Removing intermediate container |Successfully built )")
 
 Line = Callable[[str], None]
 
@@ -134,11 +136,11 @@ class Images:
                         for line in str(chunk["stream"]).splitlines():
                             if not line.strip():
                                 continue
-                            m = _STEP.match(line)
-                            if m:
+                            if _STEP.match(line):
                                 current_step = line
                             tail.append(line)
-                            on_line(line)
+                            if not _BUILD_NOISE.match(line):
+                                on_line(line)
                     if "aux" in chunk and isinstance(chunk["aux"], dict):
                         image_id = str(chunk["aux"].get("ID", image_id))
                     if "errorDetail" in chunk or "error" in chunk:

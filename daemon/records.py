@@ -30,7 +30,7 @@ def now() -> float:
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
-    db["deploys"].create(  # type: ignore[union-attr]
+    db.table("deploys").create(
         {
             "id": int,
             "deployment": str,
@@ -57,9 +57,9 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"deployment", "state", "trigger", "created_at"},
     )
-    db["deploys"].create_index(["deployment", "id"])  # type: ignore[union-attr]
-    db["deploys"].create_index(["state"])  # type: ignore[union-attr]
-    db["steps"].create(  # type: ignore[union-attr]
+    db.table("deploys").create_index(["deployment", "id"])
+    db.table("deploys").create_index(["state"])
+    db.table("steps").create(
         {
             "deploy_id": int,
             "name": str,
@@ -72,12 +72,12 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         pk=("deploy_id", "name"),
         foreign_keys=[("deploy_id", "deploys", "id")],
     )
-    db["log"].create(  # type: ignore[union-attr]
+    db.table("log").create(
         {"id": int, "deploy_id": int, "ts": float, "step": str, "line": str},
         pk="id",
         foreign_keys=[("deploy_id", "deploys", "id")],
     )
-    db["log"].create_index(["deploy_id", "id"])  # type: ignore[union-attr]
+    db.table("log").create_index(["deploy_id", "id"])
 
 
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migration_1,)
@@ -141,9 +141,9 @@ class Records:
     ) -> int:
         """Record a new deploy in state `queued` and return its id."""
         with self._lock:
-            table = self.db["deploys"]
+            table = self.db.table("deploys")
             table.insert(
-                {  # type: ignore[union-attr]
+                {
                     "deployment": deployment,
                     "state": deploys.QUEUED,
                     "trigger": trigger,
@@ -162,7 +162,7 @@ class Records:
                     "created_at": now(),
                 }
             )
-            return int(table.last_pk)  # type: ignore[union-attr,arg-type]
+            return int(table.last_pk)  # type: ignore[arg-type]
 
     def transition(self, deploy_id: int, current: str, new: str, **fields: Any) -> bool:
         """Move a deploy from `current` to `new` (compare-and-set); False if it was not there."""
@@ -184,7 +184,7 @@ class Records:
     def update(self, deploy_id: int, **fields: Any) -> None:
         """Set facts on a deploy (commit, image, tag, digest, current step)."""
         with self._lock:
-            self.db["deploys"].update(deploy_id, fields)  # type: ignore[union-attr]
+            self.db.table("deploys").update(deploy_id, fields)
 
     def get(self, deploy_id: int) -> dict[str, Any] | None:
         """One deploy with its steps, in the shape the CLI and the API print."""
@@ -256,7 +256,7 @@ class Records:
     def plan_steps(self, deploy_id: int, steps: list[tuple[str, str]]) -> None:
         """Write the planned steps: (name, skip reason or '') in order."""
         with self._lock:
-            self.db["steps"].insert_all(  # type: ignore[union-attr]
+            self.db.table("steps").insert_all(
                 [
                     {
                         "deploy_id": deploy_id,
@@ -306,7 +306,7 @@ class Records:
         """Store log lines of a deploy."""
         ts = now()
         with self._lock:
-            self.db["log"].insert_all(  # type: ignore[union-attr]
+            self.db.table("log").insert_all(
                 [{"deploy_id": deploy_id, "ts": ts, "step": step, "line": line} for line in lines]
             )
 

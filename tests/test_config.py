@@ -167,7 +167,7 @@ def test_bad_config_names_key_and_problem(tmp_path: Path, text: str, key: str,
 def test_empty_secret_file_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("\n")
     path = write(tmp_path, '[registry]\nusername = "u"\npassword_file = "pw"\n')
-    with pytest.raises(ConfigError, match="registry.password_file: secret file .* is empty"):
+    with pytest.raises(ConfigError, match=r"registry\.password_file: secret file .* is empty"):
         config.load(path)
 
 

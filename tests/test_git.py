@@ -37,7 +37,7 @@ def test_dirty_tree_is_refused(tmp_path: Path) -> None:
     repo = make_project(tmp_path / "p", "base:1")
     (repo / "dags" / "example_dag.py").write_text("changed")
     (repo / "untracked.txt").write_text("x")
-    with pytest.raises(DirtyWorkTree, match="dags/example_dag.py, untracked.txt.*--allow-dirty"):
+    with pytest.raises(DirtyWorkTree, match=r"dags/example_dag\.py, untracked\.txt.*--allow-dirty"):
         git.ensure_clean(repo)
 
 

@@ -145,7 +145,8 @@ BAD_DAGS = {
     "syntax_error.py": "from airflow.sdk import DAG\n\nwith DAG('x' as d:\n    pass\n",
     "missing_module.py": "from airflow.sdk import DAG\nimport pandas_that_does_not_exist\n",
     "hangs.py": "# airflow dag\nimport time\nwhile True:\n    time.sleep(0.1)\n",
-    "hungry.py": "# airflow dag\nblocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))\n",
+    "hungry.py": "# airflow dag\nblocks = []\nwhile True:\n"
+                 "    blocks.append(bytearray(50 * 2**20))\n",
     "chatty.py": "# airflow dag\nimport sys\nfor _ in range(100_000):\n"
                  "    sys.stdout.write('x' * 500 + '\\n')\n" + GOOD_DAG.format(dag_id="chatty"),
     "exits.py": "# airflow dag\nimport sys\nsys.exit(3)\n",

@@ -6,6 +6,8 @@
 # several at a time, so that a file that exits, crashes, hangs or eats memory
 # gets its own verdict and every other file still gets one. The report is one
 # JSON line on stdout after RESULT_MARK.
+import ast
+import importlib
 import inspect
 import json
 import os
@@ -61,6 +63,34 @@ def discover(folder):
             kwargs["include_examples"] = False
         return sorted(list_py_file_paths(folder, **kwargs))
     return sorted(get_importer_registry().list_dag_files(folder, safe_mode=True))
+
+
+def airflow_imports(paths):
+    """Airflow modules the DAG files import at top level (as Airflow's own processor does)."""
+    found = set()
+    for path in paths:
+        if not path.endswith(".py"):
+            continue
+        try:
+            with open(path, "rb") as fh:
+                tree = ast.parse(fh.read(), path)
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module)
+    return sorted(m for m in found if m == "airflow" or m.startswith("airflow."))
+
+
+def pre_import(modules):
+    """Import, once in the parent, what every forked child would otherwise import again."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException:  # a broken import is reported by the child that needs it
+            pass
 
 
 def new_bag(DagBag, folder):
@@ -266,6 +296,7 @@ def main():
         "Airflow %s loaded in %.2f s; %d DAG files to check"
         % (report["airflow_version"], time.monotonic() - started, len(files))
     )
+    pre_import(airflow_imports(files))
     allowed = load_exceptions(home)
     done = run_all(
         DagBag, folder, files, max(1, int(cfg.get("parallel", 1))), int(cfg["import_timeout"])
@@ -294,4 +325,8 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: with Airflow loaded it takes about half a second.
+    os._exit(code)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh Debian 12 machine as root: installs
+# what it needs (apt, pip), starts dockerd and the registry, runs lint, types
+# and every test (unit and integration), and stops what it started.
+#
+#   bash scripts/test.sh                 # everything
+#   bash scripts/test.sh -m "not integration"   # extra args go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/testenv.sh up
+trap 'bash scripts/testenv.sh down' EXIT
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv 2>/dev/null || {
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        rm -rf .venv && python3 -m venv .venv
+    }
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "-----> ruff" >&2
+.venv/bin/ruff check daemon tests bench
+.venv/bin/ruff format --check daemon
+echo "-----> mypy --strict daemon/" >&2
+.venv/bin/mypy
+echo "-----> pytest" >&2
+.venv/bin/pytest -q -p no:cacheprovider "$@"
