@@ -11,9 +11,6 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 QS=${DEPLOYD_QUICKSTART:-/var/tmp/deployd-quickstart}
 
-bash scripts/testenv.sh up
-# shellcheck disable=SC1091
-. /run/deployd-testenv/env
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv 2>/dev/null || {
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
@@ -22,6 +19,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e .
 
+PYTHON=$ROOT/.venv/bin/python bash scripts/testenv.sh up
+# shellcheck disable=SC1091
+. /run/deployd-testenv/env
 mkdir -p "$QS"
 cat >"$QS/deployd.toml" <<TOML
 [server]

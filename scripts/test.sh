@@ -8,9 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/testenv.sh up
-trap 'bash scripts/testenv.sh down' EXIT
-
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv 2>/dev/null || {
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
@@ -18,6 +15,9 @@ if [ ! -x .venv/bin/python ]; then
     }
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+PYTHON=$PWD/.venv/bin/python bash scripts/testenv.sh up
+trap 'bash scripts/testenv.sh down' EXIT
 
 echo "-----> ruff" >&2
 .venv/bin/ruff check daemon tests bench

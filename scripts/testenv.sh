@@ -15,6 +15,9 @@ RUN=${DEPLOYD_TESTENV_RUN:-/run/deployd-testenv}
 AIRFLOW_VERSION=${AIRFLOW_VERSION:-3.3.2}
 REGISTRY_PORT=${REGISTRY_PORT:-5959}
 DOCKER_SOCK=$RUN/docker.sock
+# The Python whose pip installs Airflow for the image: it must be 3.11, like
+# bookworm's (scripts/test.sh passes the project's venv).
+PYTHON=${PYTHON:-python3}
 export DOCKER_HOST=unix://$DOCKER_SOCK
 
 log() { printf -- '-----> %s\n' "$*" >&2; }
@@ -24,7 +27,8 @@ install_packages() {
     command -v dockerd >/dev/null || missing+=(docker.io)
     command -v docker-registry >/dev/null || missing+=(docker-registry)
     command -v htpasswd >/dev/null || missing+=(apache2-utils)
-    [ -x /bin/busybox ] && busybox --list 2>/dev/null | grep -qx sh || missing+=(busybox-static)
+    dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" \
+        || missing+=(busybox-static)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
     command -v git >/dev/null || missing+=(git)
     if [ ${#missing[@]} -gt 0 ]; then
@@ -111,7 +115,7 @@ build_airflow_image() {
     if [ ! -d "$CACHE/airflow-$AIRFLOW_VERSION" ]; then
         log "pip install apache-airflow==$AIRFLOW_VERSION (about 30 s, once per machine)"
         rm -rf "$CACHE/airflow-$AIRFLOW_VERSION.partial"
-        python3 -m pip install -q --disable-pip-version-check --target "$CACHE/airflow-$AIRFLOW_VERSION.partial" \
+        "$PYTHON" -m pip install -q --disable-pip-version-check --target "$CACHE/airflow-$AIRFLOW_VERSION.partial" \
             "apache-airflow==$AIRFLOW_VERSION" pytest
         mv "$CACHE/airflow-$AIRFLOW_VERSION.partial" "$CACHE/airflow-$AIRFLOW_VERSION"
     fi
