@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import pwd
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from daemon.deploys import Options
 from daemon.errors import DeploydError
 from daemon.images import Images
 from daemon.locks import DeploymentLock
-from daemon.pipeline import Pipeline
+from daemon.pipeline import DeployOutcome, Pipeline
 from daemon.records import Records
 from daemon.recovery import recover
 
@@ -140,9 +141,11 @@ def deploy(
         settings, _records(settings), Images(settings.docker.host, settings.registry)
     )
     services.images.ping()
-    outcome = asyncio.run(
-        Pipeline(services).run(request, sink=lambda line: click.echo(line, err=True))
-    )
+    try:
+        outcome = asyncio.run(_until_signalled(Pipeline(services), request))
+    except KeyboardInterrupt:
+        click.echo("deployd: cancelled; the deploy is recorded as cancelled.", err=True)
+        sys.exit(1)
     rec = outcome.record
     if as_json:
         click.echo(json.dumps(rec, indent=2))
@@ -227,6 +230,20 @@ def logs(
         if rec["state"] in (deploys.QUEUED, deploys.RUNNING):
             _recover_if_idle(settings, records, rec["deployment"])
         time.sleep(0.2)
+
+
+async def _until_signalled(pipeline: Pipeline, request: DeployRequest) -> DeployOutcome:
+    """Run a deploy; SIGTERM, like Ctrl-C, cancels it so that it is recorded `cancelled`."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await pipeline.run(request, sink=lambda line: click.echo(line, err=True))
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def _recover_if_idle(settings: config_mod.Settings, records: Records, deployment: str) -> None:

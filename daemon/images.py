@@ -24,7 +24,7 @@ import docker.errors
 import requests.exceptions
 
 from daemon.config import RegistrySettings
-from daemon.errors import BuildError, DependencyUnreachable, RegistryError
+from daemon.errors import BuildError, Cancelled, DependencyUnreachable, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,40 @@ class Images:
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise self._unreachable(exc) from exc
 
+    @contextlib.contextmanager
+    def _stream_client(self, stop: threading.Event | None) -> Iterator[docker.APIClient]:
+        """A client of its own for one long stream, closed at once when `stop` is set.
+
+        Closing the connection is the only way to end a blocking stream (a
+        build in `RUN sleep`, a large upload) from another thread; the Engine
+        then cancels the build or push.
+        """
+        try:
+            client = docker.APIClient(base_url=self.host, version=API_VERSION, timeout=300)
+        except docker.errors.DockerException as exc:
+            raise self._unreachable(exc) from exc
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                if stop is not None and stop.wait(0.1):
+                    client.close()
+                    return
+                if stop is None:
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            yield client
+        except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
+            if stop is not None and stop.is_set():
+                raise Cancelled("stopped: the deploy was cancelled.") from exc
+            raise
+        finally:
+            done.set()
+            client.close()
+
     def ping(self) -> None:
         """Raise DependencyUnreachable unless the Engine answers."""
         with self._engine():
@@ -110,7 +144,14 @@ class Images:
 
     # -- build ----------------------------------------------------------------
 
-    def build(self, context: Path, tag: str, labels: dict[str, str], on_line: Line) -> str:
+    def build(
+        self,
+        context: Path,
+        tag: str,
+        labels: dict[str, str],
+        on_line: Line,
+        stop: threading.Event | None = None,
+    ) -> str:
         """Build `context` with its Dockerfile (.dockerignore honoured); return the image id."""
         if not (context / "Dockerfile").is_file():
             raise BuildError(
@@ -120,9 +161,9 @@ class Images:
         tail: deque[str] = deque(maxlen=25)
         current_step = ""
         image_id = ""
-        with self._engine():
+        with self._engine(), self._stream_client(stop) as client:
             try:
-                stream = self.api.build(
+                stream = client.build(
                     path=str(context),
                     tag=tag,
                     labels=labels,
@@ -309,13 +350,15 @@ class Images:
         with self._engine(), contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             self.api.remove_image(f"{repository}:{tag}", noprune=True)
 
-    def push(self, repository: str, tag: str, on_line: Line) -> str:
+    def push(
+        self, repository: str, tag: str, on_line: Line, stop: threading.Event | None = None
+    ) -> str:
         """Push `repository:tag`; return its digest. Transient errors are retried with backoff."""
         host = registry_host(repository)
         last = ""
         for attempt in range(1, PUSH_ATTEMPTS + 1):
             try:
-                return self._push_once(repository, tag, on_line)
+                return self._push_once(repository, tag, on_line, stop)
             except _TransientPush as exc:
                 last = str(exc)
                 if attempt < PUSH_ATTEMPTS:
@@ -324,7 +367,10 @@ class Images:
                         f"registry error ({last}); retrying in {wait:.1f} s "
                         f"(attempt {attempt + 1} of {PUSH_ATTEMPTS})"
                     )
-                    time.sleep(wait)
+                    if stop is not None and stop.wait(wait):
+                        raise Cancelled("stopped: the deploy was cancelled.") from exc
+                    if stop is None:
+                        time.sleep(wait)
         raise DependencyUnreachable(
             f"the registry {host} could not be reached after {PUSH_ATTEMPTS} attempts: {last}"
         )
@@ -341,37 +387,14 @@ class Images:
             "serveraddress": host,
         }
 
-    def _push_once(self, repository: str, tag: str, on_line: Line) -> str:
+    def _push_once(
+        self, repository: str, tag: str, on_line: Line, stop: threading.Event | None
+    ) -> str:
         digest = ""
         shown: set[tuple[str, str]] = set()
         try:
-            stream = self.api.push(
-                repository, tag=tag, stream=True, decode=True, auth_config=self._auth(repository)
-            )
-            for event in stream:
-                if "errorDetail" in event or "error" in event:
-                    message = str(
-                        (event.get("errorDetail") or {}).get("message") or event.get("error")
-                    )
-                    if _AUTH_PATTERNS.search(message):
-                        raise RegistryError(
-                            f"the registry {registry_host(repository)} refused the push: "
-                            f"{message}; check [registry] username and password_file."
-                        )
-                    raise _TransientPush(message)
-                aux = event.get("aux")
-                if isinstance(aux, dict) and aux.get("Digest"):
-                    digest = str(aux["Digest"])
-                status = str(event.get("status") or "")
-                ident = str(event.get("id") or "")
-                if status in ("Pushed", "Layer already exists", "Preparing") or status.startswith(
-                    "Mounted from"
-                ):
-                    if status != "Preparing" and (ident, status) not in shown:
-                        shown.add((ident, status))
-                        on_line(f"{ident}: {status}")
-                elif status and "digest:" in status:
-                    on_line(status)
+            with self._stream_client(stop) as client:
+                digest = self._push_stream(client, repository, tag, on_line, shown)
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise self._unreachable(exc) from exc
         except docker.errors.APIError as exc:
@@ -381,6 +404,40 @@ class Images:
             raise _TransientPush(message) from exc
         if not digest:
             raise _TransientPush("the push ended without a digest")
+        return digest
+
+    def _push_stream(
+        self,
+        client: docker.APIClient,
+        repository: str,
+        tag: str,
+        on_line: Line,
+        shown: set[tuple[str, str]],
+    ) -> str:
+        digest = ""
+        stream = client.push(
+            repository, tag=tag, stream=True, decode=True, auth_config=self._auth(repository)
+        )
+        for event in stream:
+            if "errorDetail" in event or "error" in event:
+                message = str((event.get("errorDetail") or {}).get("message") or event.get("error"))
+                if _AUTH_PATTERNS.search(message):
+                    raise RegistryError(
+                        f"the registry {registry_host(repository)} refused the push: "
+                        f"{message}; check [registry] username and password_file."
+                    )
+                raise _TransientPush(message)
+            aux = event.get("aux")
+            if isinstance(aux, dict) and aux.get("Digest"):
+                digest = str(aux["Digest"])
+            status = str(event.get("status") or "")
+            ident = str(event.get("id") or "")
+            if status in ("Pushed", "Layer already exists") or status.startswith("Mounted from"):
+                if (ident, status) not in shown:
+                    shown.add((ident, status))
+                    on_line(f"{ident}: {status}")
+            elif status and "digest:" in status:
+                on_line(status)
         return digest
 
     # -- housekeeping ---------------------------------------------------------

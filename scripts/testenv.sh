@@ -167,7 +167,7 @@ down() {
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
-    rm -rf "$RUN/registry-data"
+    rm -rf "$RUN/registry-data" "$RUN/env"
 }
 
 case "${1:-up}" in

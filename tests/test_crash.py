@@ -120,3 +120,31 @@ def test_deploys_listing_marks_a_dead_deploy(tmp_path: Path, testenv: Infra,
     listing = d.run("deploys", "crash-list")
     assert listing.returncode == 0
     assert "interrupted" in listing.stdout and "stopped during build" in listing.stdout
+
+
+@pytest.mark.parametrize(("sig", "step"), [(signal.SIGINT, "build"), (signal.SIGTERM, "parse")])
+def test_ctrl_c_and_sigterm_cancel_cleanly(sig: signal.Signals, step: str, tmp_path: Path,
+                                           testenv: Infra, make_deployd: Any,
+                                           docker_api: Any) -> None:
+    name = f"cancel-{step}"
+    d = make_deployd({"name": name, "image": f"{testenv.registry}/airflow/{name}",
+                      "import_timeout_seconds": 120})
+    project = slow_project(tmp_path / "slow", testenv, step)
+    proc = d.start("deploy", name, str(project))
+    db = d.state_dir / "deployd.db"
+    deadline = time.monotonic() + 120
+    while step not in running_steps(db, 1):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    # The build sleeps 60 s and the DAG 60 s: the deploy must stop long before.
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1, err
+    assert "cancelled" in err
+    rec = d.record(1)
+    assert rec["state"] == "cancelled" and rec["finished_at"]
+    steps = {s["name"]: s["state"] for s in rec["steps"]}  # type: ignore[attr-defined]
+    assert steps[step] == "cancelled"
+    assert docker_api.containers(all=True, filters={"label": f"deployd.deployment={name}"}) == []
+    assert not (d.state_dir / "work" / name / "1").exists()

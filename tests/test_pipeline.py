@@ -150,6 +150,9 @@ BAD_DAGS = {
     "chatty.py": "# airflow dag\nimport sys\nfor _ in range(100_000):\n"
                  "    sys.stdout.write('x' * 500 + '\\n')\n" + GOOD_DAG.format(dag_id="chatty"),
     "exits.py": "# airflow dag\nimport sys\nsys.exit(3)\n",
+    # Ignores Airflow's own import timeout (SIGALRM): deployd's cut-off must name it.
+    "stubborn.py": "# airflow dag\nimport signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+                   "while True:\n    pass\n",
     "helper.py": "def helper():\n    return 1\n",   # no 'airflow'/'dag': never imported
     "ignored_by_glob.py": "# airflow dag\nraise RuntimeError('must be ignored')\n",
 }
@@ -178,11 +181,13 @@ def test_dag_import_errors_block_and_are_named(tmp_path: Path, testenv: Infra,
     assert err["missing_module.py"]["kind"] == "ModuleNotFoundError"
     assert err["missing_module.py"]["line"] == 2
     assert "pandas_that_does_not_exist" in err["missing_module.py"]["message"]
-    assert err["hangs.py"]["kind"] in ("AirflowTaskTimeout", "Timeout")
+    assert err["hangs.py"]["kind"] == "AirflowTaskTimeout"
+    assert err["stubborn.py"]["kind"] == "Timeout"
+    assert "did not finish importing within" in err["stubborn.py"]["message"]
     assert err["hungry.py"]["kind"] == "Crash" and "out of memory" in err["hungry.py"]["message"]
     assert "sys.exit(3)" in err["exits.py"]["message"] or err["exits.py"]["kind"] == "SystemExit"
     # The pusher sees every broken file with its reason, in one line and in detail.
-    for name in ("syntax_error.py", "missing_module.py", "hangs.py", "hungry.py"):
+    for name in ("syntax_error.py", "missing_module.py", "hangs.py", "hungry.py", "stubborn.py"):
         assert f"dags/{name}" in proc.stderr
     assert "failed to import" in rec["error"]
     # 50 MB of output never reached the log.
@@ -316,3 +321,18 @@ def test_old_local_images_are_pruned(tmp_path: Path, testenv: Infra, make_deploy
     images = docker_api.images(filters={"label": "deployd.deployment=prune"})
     kept = sorted(int(i["Labels"]["deployd.deploy-id"]) for i in images)
     assert kept == ids[1:]
+
+
+def test_whole_check_is_cut_off_at_check_timeout(tmp_path: Path, testenv: Infra,
+                                                 make_deployd: Any, docker_api: Any) -> None:
+    d = make_deployd({"name": "slowcheck", "image": repo_for(testenv, "slowcheck"),
+                      "import_timeout_seconds": 120, "check_timeout_seconds": 6})
+    project = make_project(tmp_path / "p", testenv.airflow_image, dags={
+        "slow.py": "# airflow dag\nimport time\ntime.sleep(120)\n"})
+    started = time.monotonic()
+    proc, rec = deploy(d, project, "slowcheck")
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 1
+    assert rec is not None and rec["step"] == "parse"
+    assert "did not finish within 6 s (check_timeout_seconds)" in rec["error"]
+    assert leftovers(docker_api, rec["id"]) == []

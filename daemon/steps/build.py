@@ -20,5 +20,6 @@ async def run(ctx: DeployContext) -> str:
         build_tag(ctx),
         ctx.labels,
         lambda line: ctx.say(line, "build"),
+        ctx.stop,
     )
     return f"image {ctx.image_id.removeprefix('sha256:')[:12]}"

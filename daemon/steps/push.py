@@ -21,7 +21,7 @@ async def upload(ctx: DeployContext) -> str:
     repo = ctx.deployment.image
     await asyncio.to_thread(images.tag, ctx.image_id, repo, STAGING_TAG)
     return await asyncio.to_thread(
-        images.push, repo, STAGING_TAG, lambda line: ctx.say(line, "push")
+        images.push, repo, STAGING_TAG, lambda line: ctx.say(line, "push"), ctx.stop
     )
 
 
