@@ -102,28 +102,12 @@ class Images:
 
     @contextlib.contextmanager
     def _stream_client(self, stop: threading.Event | None) -> Iterator[docker.APIClient]:
-        """A client of its own for one long stream, closed at once when `stop` is set.
-
-        Closing the connection is the only way to end a blocking stream (a
-        build in `RUN sleep`, a large upload) from another thread; the Engine
-        then cancels the build or push.
-        """
+        """A client of its own for one long stream (requests sessions are not shared
+        between threads); an error after `stop` was set reads as Cancelled."""
         try:
             client = docker.APIClient(base_url=self.host, version=API_VERSION, timeout=300)
         except docker.errors.DockerException as exc:
             raise self._unreachable(exc) from exc
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.is_set():
-                if stop is not None and stop.wait(0.1):
-                    client.close()
-                    return
-                if stop is None:
-                    return
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
         try:
             yield client
         except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
@@ -131,7 +115,6 @@ class Images:
                 raise Cancelled("stopped: the deploy was cancelled.") from exc
             raise
         finally:
-            done.set()
             client.close()
 
     def ping(self) -> None:

@@ -198,13 +198,13 @@ class Pipeline:
         ctx.say(f"       {name} done in {time.monotonic() - t0:.2f} s: {summary}")
 
     async def _settle_upload(self, ctx: DeployContext) -> None:
-        """Let a running upload end (its thread cannot be interrupted) and mark the step."""
+        """Stop waiting for an upload whose deploy will not be tagged, and mark the step."""
         if ctx.upload is None:
             return
         if not ctx.upload.done():
-            ctx.say("       waiting for the image upload to stop")
+            ctx.upload.cancel()  # its thread is abandoned; the staging tag is not a deploy tag
         with contextlib.suppress(BaseException):
-            await asyncio.shield(ctx.upload)
+            await ctx.upload
         records = self.services.records
         if "push" in records.running_steps(ctx.id):
             records.step_finished(ctx.id, "push", "cancelled", "not tagged: an earlier step failed")

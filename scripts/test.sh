@@ -17,7 +17,14 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 
 PYTHON=$PWD/.venv/bin/python bash scripts/testenv.sh up
-trap 'bash scripts/testenv.sh down' EXIT
+cleanup() {
+    # Images the tests built (base images stay cached for the next run).
+    DOCKER_HOST=unix:///run/deployd-testenv/docker.sock docker images -q \
+        --filter label=deployd.deployment | sort -u \
+        | DOCKER_HOST=unix:///run/deployd-testenv/docker.sock xargs -r docker rmi -f >/dev/null 2>&1 || true
+    bash scripts/testenv.sh down
+}
+trap cleanup EXIT
 
 echo "-----> ruff" >&2
 .venv/bin/ruff check daemon tests bench

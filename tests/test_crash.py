@@ -12,6 +12,7 @@ import os
 import signal
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,11 @@ def slow_project(root: Path, infra: Infra, step: str) -> Path:
         git(root, "add", "-A")
         git(root, "commit", "-q", "-m", "Add a big file")
         return project
+    # A nonce in each slow RUN keeps the Engine's layer cache (kept between
+    # runs on one machine) from making the step instant.
+    nonce = uuid.uuid4().hex
     if step == "build":
-        return make_project(root, base, dockerfile=f"FROM {base}\nRUN sleep 60\n")
+        return make_project(root, base, dockerfile=f"FROM {base}\nRUN echo {nonce} && sleep 60\n")
     if step == "parse":
         return make_project(root, base, dags={"slow.py": "# airflow dag\nimport time\n"
                                               "time.sleep(60)\n"})
@@ -45,7 +49,7 @@ def slow_project(root: Path, infra: Infra, step: str) -> Path:
                                                "    time.sleep(60)\n"})
     if step == "push":
         return make_project(root, base, dockerfile=(
-            f"FROM {base}\nRUN head -c 400000000 /dev/urandom > /opt/big.bin\n"))
+            f"FROM {base}\nRUN echo {nonce} && head -c 400000000 /dev/urandom > /opt/big.bin\n"))
     raise AssertionError(step)
 
 

@@ -12,6 +12,7 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -309,16 +310,18 @@ def test_two_processes_deploy_one_after_the_other(tmp_path: Path, testenv: Infra
 
 def test_old_local_images_are_pruned(tmp_path: Path, testenv: Infra, make_deployd: Any,
                                      docker_api: Any) -> None:
-    d = make_deployd({"name": "prune", "image": repo_for(testenv, "prune"), "keep_images": 2})
+    # Local images outlive a test run; a fresh name keeps earlier runs' images out of the count.
+    name = f"prune-{uuid.uuid4().hex[:8]}"
+    d = make_deployd({"name": name, "image": repo_for(testenv, name), "keep_images": 2})
     project = make_project(tmp_path / "p", testenv.airflow_image)
     ids = []
     for i in range(3):
         commit_all(project, f"change {i}")
-        proc, rec = deploy(d, project, "prune")
+        proc, rec = deploy(d, project, name)
         assert proc.returncode == 0, proc.stderr
         assert rec is not None
         ids.append(rec["id"])
-    images = docker_api.images(filters={"label": "deployd.deployment=prune"})
+    images = docker_api.images(filters={"label": f"deployd.deployment={name}"})
     kept = sorted(int(i["Labels"]["deployd.deploy-id"]) for i in images)
     assert kept == ids[1:]
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
+from daemon.background import run_abandonable
 from daemon.context import DeployContext
 
 
@@ -14,7 +13,7 @@ def build_tag(ctx: DeployContext) -> str:
 
 async def run(ctx: DeployContext) -> str:
     """Build ctx.source; set ctx.image_id."""
-    ctx.image_id = await asyncio.to_thread(
+    ctx.image_id = await run_abandonable(
         ctx.services.images.build,
         ctx.source,
         build_tag(ctx),

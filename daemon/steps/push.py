@@ -11,6 +11,7 @@ import asyncio
 from datetime import UTC, datetime
 
 from daemon import deploys
+from daemon.background import run_abandonable
 from daemon.context import DeployContext
 from daemon.images import STAGING_TAG
 
@@ -20,7 +21,7 @@ async def upload(ctx: DeployContext) -> str:
     images = ctx.services.images
     repo = ctx.deployment.image
     await asyncio.to_thread(images.tag, ctx.image_id, repo, STAGING_TAG)
-    return await asyncio.to_thread(
+    return await run_abandonable(
         images.push, repo, STAGING_TAG, lambda line: ctx.say(line, "push"), ctx.stop
     )
 
@@ -39,7 +40,7 @@ async def run(ctx: DeployContext) -> str:
     )
     await asyncio.to_thread(images.tag, ctx.image_id, repo, ctx.tag)
     try:
-        ctx.digest = await asyncio.to_thread(
+        ctx.digest = await run_abandonable(
             images.push, repo, ctx.tag, lambda line: ctx.say(line, "push")
         )
     finally:
