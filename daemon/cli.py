@@ -26,7 +26,7 @@ from daemon import config as config_mod
 from daemon import deploys, git, names
 from daemon.context import DeployRequest, Services
 from daemon.deploys import Options
-from daemon.errors import DeploydError
+from daemon.errors import DeploydError, UsageError
 from daemon.images import Images
 from daemon.locks import DeploymentLock
 from daemon.pipeline import DeployOutcome, Pipeline
@@ -211,7 +211,7 @@ def logs(
     records = _records(settings)
     rec = records.get(ident)
     if rec is None:
-        raise DeploydError(f"there is no deploy #{ident}.") from None
+        raise UsageError(f"there is no deploy #{ident}.")
     after = 0
     while True:
         for row in records.log_lines(ident, after):

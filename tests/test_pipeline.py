@@ -339,3 +339,25 @@ def test_whole_check_is_cut_off_at_check_timeout(tmp_path: Path, testenv: Infra,
     assert rec is not None and rec["step"] == "parse"
     assert "did not finish within 6 s (check_timeout_seconds)" in rec["error"]
     assert leftovers(docker_api, rec["id"]) == []
+
+
+def test_logs_follow_streams_until_the_deploy_ends(tmp_path: Path, testenv: Infra,
+                                                   make_deployd: Any) -> None:
+    d = make_deployd({"name": "follow", "image": repo_for(testenv, "follow")})
+    project = make_project(tmp_path / "p", testenv.airflow_image, dags={
+        "slowish.py": "# airflow dag\nimport time\ntime.sleep(4)\n" + GOOD_DAG.format(
+            dag_id="slowish")})
+    deployer = d.start("deploy", "follow", str(project))
+    db = d.state_dir / "deployd.db"
+    deadline = time.monotonic() + 60
+    while not db.exists() or "follow" not in d.run("deploys").stdout:
+        assert time.monotonic() < deadline and deployer.poll() is None
+        time.sleep(0.05)
+    follower = d.run("logs", "1", "--follow", timeout=120)
+    _, err = deployer.communicate(timeout=120)
+    assert deployer.returncode == 0, err
+    assert follower.returncode == 0
+    assert "-----> parse" in follower.stdout
+    assert follower.stdout.rstrip().splitlines()[-1].startswith("-----> deployed ")
+    assert d.run("logs", "999").returncode == 2
+    assert d.run("logs", "abc").returncode == 2
