@@ -9,6 +9,7 @@ instruction and the tail of its output.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import threading
@@ -149,7 +150,7 @@ class Images:
                 stream = client.build(
                     path=str(context),
                     tag=tag,
-                    labels=labels,
+                    dockerfile=_labelled_dockerfile(context, labels),
                     rm=True,
                     forcerm=True,
                     decode=True,
@@ -445,6 +446,27 @@ class Images:
             except docker.errors.APIError as exc:
                 log.info("kept image %s: %s", img["Id"][:19], _short(exc))
         return removed
+
+
+LABELLED_DOCKERFILE = ".deployd.Dockerfile"
+
+
+def _labelled_dockerfile(context: Path, labels: dict[str, str]) -> str:
+    """Write the project's Dockerfile plus one LABEL line into our own checkout; return its name.
+
+    The Engine's `labels` option adds one build step per label (three steps,
+    about 0.15 s here); a single LABEL instruction costs one. The copy is
+    listed in the context's .dockerignore, as the docker CLI does for a
+    Dockerfile from outside the context, so the Engine drops it from the
+    context and `COPY . .` never sees it.
+    """
+    original = (context / "Dockerfile").read_text(encoding="utf-8")
+    label_line = "LABEL " + " ".join(f"{json.dumps(k)}={json.dumps(v)}" for k, v in labels.items())
+    (context / LABELLED_DOCKERFILE).write_text(f"{original.rstrip()}\n\n{label_line}\n")
+    ignore = context / ".dockerignore"
+    existing = ignore.read_text(encoding="utf-8") if ignore.is_file() else ".dockerignore\n"
+    ignore.write_text(f"{existing.rstrip()}\n{LABELLED_DOCKERFILE}\n")
+    return LABELLED_DOCKERFILE
 
 
 class _TransientPush(Exception):

@@ -103,6 +103,17 @@ def test_dockerignore_is_honoured(tmp_path: Path, testenv: Infra, make_deployd: 
     assert rec is not None
     out = _run_in_image(docker_api, f"{image}:{rec['tag']}", ["ls", "-a", "/usr/local/airflow"])
     assert "kept.txt" in out and "secret.txt" not in out
+    # deployd's labelled copy of the Dockerfile never reaches the image.
+    assert ".deployd.Dockerfile" not in out and "Dockerfile" in out
+    # Without a .dockerignore of the project's own, nothing of deployd's is shipped either.
+    (project / ".dockerignore").unlink()
+    commit_all(project, "Drop .dockerignore")
+    proc, rec = deploy(d, project, "ignore")
+    assert proc.returncode == 0, proc.stderr
+    assert rec is not None
+    out = _run_in_image(docker_api, f"{image}:{rec['tag']}", ["ls", "-a", "/usr/local/airflow"])
+    assert "secret.txt" in out
+    assert ".deployd.Dockerfile" not in out and ".dockerignore" not in out
 
 
 def _run_in_image(docker_api: Any, image: str, argv: list[str]) -> str:
