@@ -8,7 +8,6 @@ stdout; `--json` prints the record shape the HTTP API returns.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import functools
 import json
 import os
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 import click
 
 from daemon import config as config_mod
-from daemon import deploys, git, names
+from daemon import deploys, git, names, views
 from daemon.context import DeployRequest, Services
 from daemon.deploys import Options
 from daemon.errors import DeploydError, UsageError
@@ -96,6 +95,19 @@ def check_config(ctx: click.Context, config_path: str | None) -> None:
     for key in settings.keys:
         scope = "admin" if key.admin else ", ".join(key.deployments) or "no deployments"
         click.echo(f"key {key.name}: {scope}")
+
+
+@main.command()
+@_config_option
+@click.pass_context
+@_errors
+def serve(ctx: click.Context, config_path: str | None) -> None:
+    """Run the daemon: SSH git server, HTTP server, deploys."""
+    from daemon import serve as serve_mod
+
+    path = config_path or (ctx.obj or {}).get("config_path")
+    settings = _settings(ctx, config_path)
+    serve_mod.serve(settings.path if path is None else Path(path))
 
 
 @main.command()
@@ -178,21 +190,8 @@ def list_deploys(
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    if not rows:
-        click.echo("no deploys yet")
-        return
-    click.echo(
-        f"{'ID':>5}  {'DEPLOYMENT':<14} {'STATE':<12} {'COMMIT':<8} {'WHEN (UTC)':<19} "
-        f"{'TRIGGER':<8} {'ACTOR':<12} TAG / ERROR"
-    )
-    for r in rows:
-        when = dt.datetime.fromtimestamp(r["created_at"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        what = r["tag"] if r["state"] == deploys.SUCCEEDED else (r["error"] or "")
-        click.echo(
-            f"{r['id']:>5}  {r['deployment']:<14} {r['state']:<12} "
-            f"{(r['commit'] or '')[:7]:<8} {when:<19} {r['trigger']:<8} "
-            f"{(r['actor'] or '')[:12]:<12} {what}"
-        )
+    for line in views.deploy_table(rows):
+        click.echo(line)
 
 
 @main.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,12 @@ class DeployRequest:
     trigger: str
     actor: str
     options: Options
+    # git's quarantine variables while a pre-receive hook judges the push.
+    object_env: Mapping[str, str] = field(default_factory=dict)
+    # (ref, old commit): refuse at our turn if the ref moved while we waited.
+    expect: tuple[str, str] | None = None
+    # Keep the deployment's lock until this resolves (git updating the ref).
+    hold_lock: asyncio.Future[None] | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ failures become GitError with git's own message.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +27,14 @@ class Head:
     subject: str
 
 
-def _git(repo: Path, *args: str, check: bool = True) -> str:
+def _git(repo: Path, *args: str, check: bool = True, env: Mapping[str, str] | None = None) -> str:
     try:
         proc = subprocess.run(
             ["git", "-C", str(repo), *args],
             capture_output=True,
             text=True,
             check=False,
-            env={**_minimal_env(), **_ENV_SAFE},
+            env={**_minimal_env(), **(env or {}), **_ENV_SAFE},
             timeout=120,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -47,14 +48,7 @@ def _git(repo: Path, *args: str, check: bool = True) -> str:
 def _minimal_env() -> dict[str, str]:
     import os
 
-    keep = (
-        "PATH",
-        "HOME",
-        "GIT_DIR",
-        "GIT_OBJECT_DIRECTORY",
-        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-        "GIT_QUARANTINE_PATH",
-    )
+    keep = ("PATH", "HOME")
     return {k: v for k, v in os.environ.items() if k in keep}
 
 
@@ -88,11 +82,17 @@ def ensure_clean(repo: Path) -> None:
         )
 
 
-def export(repo: Path, commit: str, dest: Path) -> None:
-    """Write the files of `commit` (no .git) into the empty directory `dest`."""
+def export(
+    repo: Path, commit: str, dest: Path, object_env: Mapping[str, str] | None = None
+) -> None:
+    """Write the files of `commit` (no .git) into the empty directory `dest`.
+
+    `object_env` carries git's quarantine variables when the commit is still
+    in a push that a pre-receive hook is judging.
+    """
     names.commit_sha(commit)
     dest.mkdir(parents=True, exist_ok=True)
-    env = {**_minimal_env(), **_ENV_SAFE}
+    env = {**_minimal_env(), **(object_env or {}), **_ENV_SAFE}
     try:
         archive = subprocess.Popen(
             ["git", "-C", str(repo), "archive", "--format=tar", commit],
@@ -120,3 +120,44 @@ def export(repo: Path, commit: str, dest: Path) -> None:
             f"unpacking commit {commit[:12]} failed: "
             f"{untar.stderr.decode(errors='replace').strip()}"
         )
+
+
+QUARANTINE_VARS = (
+    "GIT_QUARANTINE_PATH",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+)
+ZERO = "0" * 40
+
+
+def init_bare(path: Path, config: Mapping[str, str]) -> None:
+    """Create a bare repository at `path` (if missing) and set `config` on it."""
+    if not (path / "HEAD").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        _git(path, "init", "--quiet", "--bare")
+    for key, value in config.items():
+        _git(path, "config", key, value)
+
+
+def resolve(repo: Path, ref: str) -> str | None:
+    """The commit `ref` names in `repo`, or None if it does not exist."""
+    out = _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
+    return out.strip() or None
+
+
+def fetch_commit(repo: Path, source: Path, commit: str) -> None:
+    """Copy `commit` and its history from the repository at `source` into `repo`."""
+    names.commit_sha(commit)
+    _git(repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", str(source), commit)
+
+
+def update_ref(repo: Path, ref: str, commit: str) -> None:
+    """Point `ref` at `commit`."""
+    names.commit_sha(commit)
+    _git(repo, "update-ref", "-m", "deployd: deployed", ref, commit)
+
+
+def subject(repo: Path, commit: str, object_env: Mapping[str, str] | None = None) -> str:
+    """The subject line of `commit`."""
+    names.commit_sha(commit)
+    return _git(repo, "log", "-1", "--format=%s", commit, env=object_env).strip()

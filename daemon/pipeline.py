@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from daemon import deploys
+from daemon import deploys, git, repos
 from daemon.context import DeployContext, DeployRequest, Services
 from daemon.errors import Cancelled, DeploydError, UsageError
 from daemon.images import LABEL_DEPLOY_ID
@@ -30,6 +30,7 @@ from daemon.steps import build, checkout, parse, push, pytest, roll
 
 log = logging.getLogger(__name__)
 
+HOLD_LOCK_SECONDS = 60
 StepFn = Callable[[DeployContext], Awaitable[str]]
 STEP_FUNCTIONS: dict[str, StepFn] = {
     "checkout": checkout.run,
@@ -64,6 +65,9 @@ class Pipeline:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        # Set by `deployd serve` on SIGTERM: deploys it cancels are `interrupted`.
+        self.shutting_down = False
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def run(self, request: DeployRequest, sink: Sink | None = None) -> DeployOutcome:
         """Queue, wait for the lock, run every step, record the outcome."""
@@ -98,9 +102,8 @@ class Pipeline:
                 ),
             )
         except BaseException:
-            records.transition(
-                deploy_id, deploys.QUEUED, deploys.CANCELLED, error="cancelled while queued"
-            )
+            state = deploys.INTERRUPTED if self.shutting_down else deploys.CANCELLED
+            records.transition(deploy_id, deploys.QUEUED, state, error=f"{state} while queued")
             dlog.close()
             raise
         ctx = DeployContext(
@@ -110,7 +113,14 @@ class Pipeline:
             return await self._run_locked(ctx, lock)
         finally:
             await asyncio.shield(asyncio.to_thread(self._cleanup, ctx))
-            lock.release()
+            if request.hold_lock is not None:
+                # git updates the pushed ref only after the hook has our answer; the
+                # next push of this deployment must see that update at its turn.
+                release = asyncio.create_task(self._release_when(lock, request.hold_lock))
+                self._releases.add(release)
+                release.add_done_callback(self._releases.discard)
+            else:
+                lock.release()
             dlog.close()
 
     async def _run_locked(self, ctx: DeployContext, lock: DeploymentLock) -> DeployOutcome:
@@ -121,6 +131,18 @@ class Pipeline:
             recover, records, self.services.images, state_dir, dep.name, lock, current=ctx.id
         ):
             ctx.say(f"       deploy #{gone} had died; marked interrupted")
+        moved = await asyncio.to_thread(self._ref_moved, ctx)
+        if moved:
+            ctx.say(f"-----> refused: {moved}")
+            records.transition(ctx.id, deploys.QUEUED, deploys.CANCELLED, error=moved)
+            return DeployOutcome(self._record(ctx), 1)
+        log.info(
+            "deploy #%s of %s started (%s by %s)",
+            ctx.id,
+            dep.name,
+            ctx.request.trigger,
+            ctx.request.actor,
+        )
         plan = deploys.plan(dep, ctx.request.options)
         records.plan_steps(ctx.id, [(s.name, s.skip_reason) for s in plan])
         if not records.transition(ctx.id, deploys.QUEUED, deploys.RUNNING, pid=os.getpid()):
@@ -132,9 +154,11 @@ class Pipeline:
         except asyncio.CancelledError:
             ctx.stop.set()
             await self._settle_upload(ctx)
-            self._finish(
-                ctx, deploys.CANCELLED, "the deploy was cancelled (its requester went away)", None
-            )
+            if self.shutting_down:
+                # The step column keeps the step it was in.
+                self._finish(ctx, deploys.INTERRUPTED, "deployd shut down during the deploy", None)
+            else:
+                self._finish(ctx, deploys.CANCELLED, "the deploy was cancelled", None)
             raise
         except DeploydError as exc:
             ctx.stop.set()
@@ -154,8 +178,43 @@ class Pipeline:
             f"-----> deployed {dep.image}:{ctx.tag} ({ctx.digest}) as deploy #{ctx.id} "
             f"in {elapsed:.1f} s"
         )
+        if ctx.request.trigger != "ssh":
+            # A push updates the server branch itself (git, after the hook says yes).
+            try:
+                await asyncio.to_thread(
+                    repos.record_deployed,
+                    self.services.settings.server.state_dir,
+                    dep.name,
+                    dep.branch,
+                    ctx.request.repo,
+                    ctx.request.commit,
+                )
+            except DeploydError as exc:
+                ctx.say(f"       note: the server repository was not updated: {exc.message}")
         records.transition(ctx.id, deploys.RUNNING, deploys.SUCCEEDED, step=None)
+        log.info("deploy #%s of %s succeeded: %s:%s", ctx.id, dep.name, dep.image, ctx.tag)
         return DeployOutcome(self._record(ctx), 0)
+
+    def _ref_moved(self, ctx: DeployContext) -> str:
+        """Why this push may no longer be deployed (the branch moved while it waited), or ''."""
+        if ctx.request.expect is None:
+            return ""
+        ref, old = ctx.request.expect
+        current = git.resolve(ctx.request.repo, ref) or git.ZERO
+        if current == old:
+            return ""
+        branch = ref.removeprefix("refs/heads/")
+        by = self.services.records.deployed_commit(ctx.deployment.name, current)
+        which = f" (deploy #{by})" if by else ""
+        return f"{branch} moved to {current[:12]} while you waited{which}: pull, then push again."
+
+    @staticmethod
+    async def _release_when(lock: DeploymentLock, done: asyncio.Future[None]) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done), HOLD_LOCK_SECONDS)
+        finally:
+            lock.release()
 
     async def _execute(self, ctx: DeployContext, plan: tuple[deploys.PlannedStep, ...]) -> None:
         runs = {s.name for s in plan if s.runs}

@@ -220,6 +220,14 @@ class Records:
             return self._shape(row)
         return None
 
+    def deployed_commit(self, deployment: str, commit: str) -> int | None:
+        """The newest successful deploy of `commit` in `deployment`, if any."""
+        row = self.db.execute(
+            "SELECT MAX(id) FROM deploys WHERE deployment = ? AND commit_sha = ? AND state = ?",
+            [deployment, commit, deploys.SUCCEEDED],
+        ).fetchone()
+        return int(row[0]) if row and row[0] else None
+
     def _shape(self, row: dict[str, Any]) -> dict[str, Any]:
         out = {
             "id": row["id"],

@@ -1,0 +1,92 @@
+"""A push, as the pre-receive hook hands it over: validate, deploy, answer.
+
+The deploy runs while the push waits, like Heroku; its progress goes back to
+the pusher line by line. If the client goes away mid-deploy, the deploy runs
+to its end: git's receive-pack is kept alive (its output drained) so that on
+success the ref is still updated and the commit kept, and on failure nothing
+is. A push is never left half-deployed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from daemon import git, pushrules, repos
+from daemon.context import DeployRequest
+from daemon.errors import DeploydError
+from daemon.hookline import Say
+from daemon.pipeline import Pipeline
+from daemon.sshd import SSHState
+
+log = logging.getLogger(__name__)
+
+
+class Receiver:
+    """Handles hook requests for the SSH server's push sessions."""
+
+    def __init__(self, state: SSHState, pipeline: Pipeline) -> None:
+        self.state = state
+        self.pipeline = pipeline
+        # The hook connections deploying right now (serve waits for them on SIGTERM).
+        self.running: set[asyncio.Task[Any]] = set()
+
+    async def __call__(self, request: dict[str, Any], say: Say) -> int:
+        """Deploy the pushed commit; return the hook's exit status (0 accepts the push)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.running.add(task)
+        try:
+            return await self._receive(request, say)
+        except DeploydError as exc:
+            say(f"deployd: {exc.message}")
+            return 1
+        finally:
+            self.running.discard(task)
+
+    async def _receive(self, request: dict[str, Any], say: Say) -> int:
+        session = self.state.sessions.get(str(request.get("session", "")))
+        if session is None:
+            raise pushrules.Refused("this push did not come through deployd's SSH server.")
+        dep = self.state.settings.deployment(session.deployment)
+        repo = repos.repo_path(self.state.settings.server.state_dir, dep.name)
+        updates = pushrules.parse_updates(list(request.get("updates") or []))
+        options = [str(o) for o in request.get("options") or []]
+        plan = pushrules.decide(updates, dep.branch, options)
+        object_env = _object_env(repo, request.get("env"))
+        subject = git.subject(repo, plan.commit, object_env)
+        deploy = DeployRequest(
+            deployment=dep,
+            repo=repo,
+            commit=plan.commit,
+            ref=plan.ref,
+            subject=subject,
+            trigger="ssh",
+            actor=session.key,
+            options=plan.options,
+            object_env=object_env,
+            expect=(plan.ref, plan.old),
+            hold_lock=session.done,
+        )
+        outcome = await self.pipeline.run(deploy, sink=say)
+        return 0 if outcome.exit_code == 0 else 1
+
+
+def _object_env(repo: Path, env: object) -> dict[str, str]:
+    """git's quarantine variables, accepted only if they point inside the repository."""
+    if not isinstance(env, dict):
+        return {}
+    out = {}
+    root = repo.resolve()
+    for name in git.QUARANTINE_VARS:
+        value = env.get(name)
+        if not isinstance(value, str) or not value:
+            continue
+        for part in value.split(":"):
+            path = Path(part).resolve()
+            if path != root and root not in path.parents:
+                raise pushrules.Refused(f"{name} points outside the repository.")
+        out[name] = value
+    return out

@@ -1,0 +1,62 @@
+"""The server's git repositories: one bare repository per deployment, with deployd's hook.
+
+`git push astro main` lands here; the pre-receive hook from `hooks/` hands
+the push to the daemon. The hook is (re)installed with this interpreter's
+absolute path and `-S`, so it starts without site packages or version shims.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from daemon import git, names
+
+HOOK_SOURCE = Path(__file__).resolve().parent.parent / "hooks" / "pre-receive"
+REPO_CONFIG = {
+    "receive.advertisePushOptions": "true",
+    "receive.denyDeletes": "true",
+    "core.logAllRefUpdates": "true",
+    "uploadpack.allowFilter": "true",
+}
+
+
+def repo_path(state_dir: Path, deployment: str) -> Path:
+    """Where a deployment's bare repository lives."""
+    return state_dir / "repos" / f"{names.deployment_name(deployment)}.git"
+
+
+def hook_interpreter() -> str:
+    """The real Python binary (not a venv or pyenv shim) for the hook's first line."""
+    return os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
+
+
+def ensure(state_dir: Path, deployment: str) -> Path:
+    """Create the deployment's repository if needed and install the current hook."""
+    path = repo_path(state_dir, deployment)
+    git.init_bare(path, REPO_CONFIG)
+    install_hook(path)
+    return path
+
+
+def install_hook(repo: Path) -> None:
+    """Write hooks/pre-receive into `repo` with this interpreter on its first line."""
+    lines = HOOK_SOURCE.read_text(encoding="utf-8").splitlines(keepends=True)
+    text = f"#!{hook_interpreter()} -S\n" + "".join(lines[1:])
+    target = repo / "hooks" / "pre-receive"
+    target.parent.mkdir(exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(0o755)
+    tmp.replace(target)
+
+
+def record_deployed(
+    state_dir: Path, deployment: str, branch: str, source: Path, commit: str
+) -> None:
+    """Make the server repository's branch name a commit deployed from elsewhere (the CLI)."""
+    repo = ensure(state_dir, deployment)
+    if git.resolve(repo, commit) is None:
+        git.fetch_commit(repo, source, commit)
+    git.update_ref(repo, f"refs/heads/{names.branch_name(branch)}", commit)

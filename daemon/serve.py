@@ -1,0 +1,174 @@
+"""`deployd serve`: builds the adapters once, wires the servers, runs until SIGTERM.
+
+One event loop runs the SSH server, the HTTP server and the hook socket.
+READY=1 goes to systemd once both listeners are bound; WATCHDOG=1 follows
+from the loop at half of WATCHDOG_USEC. SIGHUP reloads keys and deployments
+(running deploys keep what they started with). SIGTERM stops accepting, lets
+running deploys finish for up to shutdown_grace_seconds, then records the
+rest `interrupted`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from daemon import config as config_mod
+from daemon import repos, sshd
+from daemon import web as web_mod
+from daemon.context import Services
+from daemon.errors import DeploydError
+from daemon.hookline import HookServer
+from daemon.images import Images
+from daemon.locks import DeploymentLock
+from daemon.notify import Notifier
+from daemon.pipeline import Pipeline
+from daemon.receive import Receiver
+from daemon.records import Records
+from daemon.recovery import recover
+
+log = logging.getLogger(__name__)
+
+
+def _split(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Daemon:
+    """The running daemon: its servers, its deploys, its configuration."""
+
+    def __init__(self, config_path: Path, settings: config_mod.Settings) -> None:
+        self.config_path = config_path
+        state_dir = settings.server.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.records = Records(state_dir / "deployd.db")
+        self.images = Images(settings.docker.host, settings.registry)
+        self.services = Services(settings, self.records, self.images)
+        self.pipeline = Pipeline(self.services)
+        self.ssh = sshd.SSHState(settings, self.records, state_dir / "hook.sock")
+        self.ssh.load_keys(settings)
+        self.receiver = Receiver(self.ssh, self.pipeline)
+        self.hooks = HookServer(state_dir / "hook.sock", self.receiver)
+        self.notifier = Notifier(dict(os.environ))
+        self.stopping = asyncio.Event()
+
+    @property
+    def settings(self) -> config_mod.Settings:
+        return self.ssh.settings
+
+    async def run(self) -> None:
+        """Serve until SIGTERM (or SIGINT)."""
+        settings = self.settings
+        state_dir = settings.server.state_dir
+        await asyncio.to_thread(self._recover_all)
+        fingerprint = sshd.ensure_host_key(state_dir / "ssh_host_ed25519_key")
+        log.info("SSH host key %s", fingerprint)
+        for dep in settings.deployments:
+            await asyncio.to_thread(repos.ensure, state_dir, dep.name)
+        await self.hooks.start()
+        host, port = _split(settings.server.ssh_listen)
+        acceptor = await sshd.start(self.ssh, host, port, state_dir / "ssh_host_ed25519_key")
+        runner = web.AppRunner(web_mod.make_app(), access_log=None)
+        await runner.setup()
+        http_host, http_port = _split(settings.server.http_listen)
+        site = web.TCPSite(runner, http_host, http_port)
+        await site.start()
+        log.info(
+            "listening: ssh %s, http %s", settings.server.ssh_listen, settings.server.http_listen
+        )
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.notifier.send("READY=1", "STATUS=serving")
+        watchdog = asyncio.create_task(self._watchdog())
+        try:
+            await self.stopping.wait()
+        finally:
+            log.info(
+                "stopping: no new connections; waiting for %d deploy(s)", len(self.receiver.running)
+            )
+            self.notifier.send("STOPPING=1", "STATUS=stopping")
+            acceptor.close()
+            await self.hooks_drain(settings.server.shutdown_grace_seconds)
+            await self.hooks.close()
+            await runner.cleanup()
+            watchdog.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    async def hooks_drain(self, grace: int) -> None:
+        """Let running deploys finish for `grace` seconds, then interrupt the rest."""
+        if self.receiver.running:
+            _, pending = await asyncio.wait(set(self.receiver.running), timeout=grace)
+            if pending:
+                log.warning("interrupting %d deploy(s) after %d s", len(pending), grace)
+                self.pipeline.shutting_down = True
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=30)
+
+    def reload(self) -> None:
+        """SIGHUP: reload keys and deployments; running deploys are not touched."""
+        try:
+            settings = config_mod.load(self.config_path)
+        except DeploydError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        if settings.server != self.settings.server:
+            log.warning("reload: [server] changes need a restart; they are ignored")
+            settings = config_mod.Settings(
+                settings.path,
+                self.settings.server,
+                settings.docker,
+                settings.registry,
+                settings.kubernetes,
+                settings.github,
+                settings.deployments,
+                settings.keys,
+            )
+        self.ssh.load_keys(settings)
+        self.services.settings = settings
+        for dep in settings.deployments:
+            repos.ensure(settings.server.state_dir, dep.name)
+        log.info("reloaded: %d deployments, %d keys", len(settings.deployments), len(self.ssh.keys))
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_seconds / 2
+        if interval <= 0:
+            return
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def _recover_all(self) -> None:
+        for dep in self.settings.deployments:
+            lock = DeploymentLock(self.settings.server.state_dir, dep.name)
+            if lock.try_acquire():
+                try:
+                    recover(
+                        self.records, self.images, self.settings.server.state_dir, dep.name, lock
+                    )
+                except DeploydError as exc:
+                    log.warning("recovery of %s: %s", dep.name, exc)
+                finally:
+                    lock.release()
+
+
+def serve(config_path: Path) -> None:
+    """Load the config and run the daemon until it is told to stop."""
+    logging.basicConfig(level=logging.INFO, format="deployd %(levelname)s %(name)s: %(message)s")
+    settings = config_mod.load(config_path)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(config_path, settings))
+
+
+async def _main(config_path: Path, settings: config_mod.Settings) -> None:
+    await Daemon(config_path, settings).run()

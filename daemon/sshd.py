@@ -1,0 +1,306 @@
+"""The asyncssh server: public-key auth from the config, command routing, git transport.
+
+Only `git-receive-pack` / `git-upload-pack` on a deployment name and the
+deployd commands are run; shells, ptys, forwarding, agents, X11, subsystems
+and client environment variables (but GIT_PROTOCOL) are refused or ignored.
+A key reads and pushes only its own deployments (admin: all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from daemon import names, pushrules, repos, views
+from daemon.config import Key, Settings
+from daemon.errors import DeploydError
+from daemon.records import Records
+
+log = logging.getLogger(__name__)
+
+LOGIN_TIMEOUT_SECONDS = 20
+KEEPALIVE_SECONDS = 30
+_GIT_PROTOCOL = re.compile(r"version=[0-9]")
+
+
+class Denied(DeploydError):
+    """The key may not use that deployment."""
+
+
+@dataclass
+class PushSession:
+    """A git-receive-pack in progress: who pushes where, and when git is done."""
+
+    key: str
+    deployment: str
+    done: asyncio.Future[None]
+
+
+@dataclass
+class SSHState:
+    """What the SSH server shares with the rest of the daemon (reloaded on SIGHUP)."""
+
+    settings: Settings
+    records: Records
+    hook_socket: Path
+    sessions: dict[str, PushSession] = field(default_factory=dict)
+    keys: dict[str, Key] = field(default_factory=dict)
+
+    def load_keys(self, settings: Settings) -> None:
+        """Index the configured public keys by their key blob."""
+        keys = {}
+        for key in settings.keys:
+            try:
+                parsed = asyncssh.import_public_key(key.public_key)
+            except (asyncssh.KeyImportError, ValueError) as exc:
+                log.error("key %s: unusable public key (%s); it is ignored", key.name, exc)
+                continue
+            keys[bytes(parsed.public_data).hex()] = key
+        self.settings = settings
+        self.keys = keys
+
+
+def may_use(key: Key, deployment: str) -> bool:
+    """Whether `key` may read, push to and roll back `deployment`."""
+    return key.admin or deployment in key.deployments
+
+
+class _Server(asyncssh.SSHServer):
+    """One SSH connection's authentication and channel policy."""
+
+    def __init__(self, state: SSHState) -> None:
+        self.state = state
+        self.conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        found = self.state.keys.get(bytes(key.public_data).hex())
+        if found is None:
+            return False
+        assert self.conn is not None
+        self.conn.set_extra_info(deployd_key=found.name)
+        return True
+
+    def connection_requested(self, *args: Any) -> bool:
+        return False
+
+    def server_requested(self, *args: Any) -> bool:
+        return False
+
+    def unix_connection_requested(self, *args: Any) -> bool:
+        return False
+
+    def unix_server_requested(self, *args: Any) -> bool:
+        return False
+
+
+async def start(
+    state: SSHState,
+    host: str,
+    port: int,
+    host_key: Path,
+) -> asyncssh.SSHAcceptor:
+    """Listen for SSH connections."""
+    return await asyncssh.create_server(
+        lambda: _Server(state),
+        host,
+        port,
+        server_host_keys=[str(host_key)],
+        process_factory=lambda process: _handle(state, process),
+        encoding=None,
+        allow_pty=False,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        allow_scp=False,
+        login_timeout=LOGIN_TIMEOUT_SECONDS,
+        keepalive_interval=KEEPALIVE_SECONDS,
+        keepalive_count_max=3,
+    )
+
+
+def ensure_host_key(path: Path) -> str:
+    """Create the ed25519 host key on first start; return its fingerprint."""
+    if not path.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key.write_private_key(str(path))
+        path.chmod(0o600)
+        key.write_public_key(str(path) + ".pub")
+    return str(asyncssh.read_private_key(str(path)).get_fingerprint())
+
+
+async def _handle(state: SSHState, process: asyncssh.SSHServerProcess[bytes]) -> None:
+    key_name = process.get_extra_info("deployd_key")
+    key = next((k for k in state.settings.keys if k.name == key_name), None)
+    try:
+        if key is None:
+            raise Denied("this key is no longer configured.")
+        if process.subsystem:
+            raise pushrules.Refused("subsystems (sftp) are not offered.")
+        command = pushrules.parse_command(process.command)
+        if command.name.startswith("git-"):
+            status = await _git(state, process, key, command)
+        else:
+            _out(process, _run_command(state, key, command))
+            status = 0
+    except DeploydError as exc:
+        _err(process, f"deployd: {exc.message}")
+        status = 1
+    except Exception:
+        log.exception("SSH command %r of key %s failed", process.command, key_name)
+        _err(process, "deployd: internal error; the daemon's log has the details.")
+        status = 1
+    log.info("ssh %s: %r -> %s", key_name, (process.command or "")[:80], status)
+    with contextlib.suppress(Exception):
+        process.exit(status)
+
+
+def _out(process: asyncssh.SSHServerProcess[bytes], lines: list[str]) -> None:
+    process.stdout.write(("\n".join(lines) + "\n").encode())
+
+
+def _err(process: asyncssh.SSHServerProcess[bytes], line: str) -> None:
+    with contextlib.suppress(Exception):
+        process.stderr.write((line + "\n").encode())
+
+
+def _check(key: Key, deployment: str) -> None:
+    if not may_use(key, deployment):
+        raise Denied(f"key {key.name} may not use deployment {deployment}.")
+
+
+def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:
+    records = state.records
+    port = state.settings.server.ssh_listen.rpartition(":")[2]
+    if command.name == "help":
+        return views.help_lines(port)
+    if command.name == "deploys":
+        if command.args:
+            dep = state.settings.deployment(command.args[0]).name
+            _check(key, dep)
+            return views.deploy_table(records.list_deploys(dep, 50))
+        allowed = [d.name for d in state.settings.deployments if may_use(key, d.name)]
+        rows = [r for r in records.list_deploys(None, 500) if r["deployment"] in allowed]
+        return views.deploy_table(rows[:50])
+    if command.name == "status":
+        dep = state.settings.deployment(command.args[0]).name
+        _check(key, dep)
+        return views.status_lines(dep, records.last_succeeded(dep), records.in_flight(dep))
+    if command.name == "logs":
+        rec = records.get(names.deploy_id(command.args[0]))
+        if rec is None or not may_use(key, rec["deployment"]):
+            # Same answer for "none" and "not yours": ids of others' deploys stay private.
+            raise Denied(f"there is no deploy #{command.args[0]} that key {key.name} may read.")
+        return [row["line"] for row in records.log_lines(rec["id"])]
+    raise pushrules.Refused("unknown command.")
+
+
+async def _git(
+    state: SSHState, process: asyncssh.SSHServerProcess[bytes], key: Key, command: pushrules.Command
+) -> int:
+    deployment = state.settings.deployment(command.args[0]).name
+    _check(key, deployment)
+    repo = await asyncio.to_thread(repos.ensure, state.settings.server.state_dir, deployment)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(state.settings.server.state_dir),
+        "GIT_TERMINAL_PROMPT": "0",
+    }
+    client_protocol = process.env.get("GIT_PROTOCOL", "")
+    if isinstance(client_protocol, str) and _GIT_PROTOCOL.fullmatch(client_protocol):
+        env["GIT_PROTOCOL"] = client_protocol
+    token = ""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    if command.name == "git-receive-pack":
+        token = secrets.token_hex(16)
+        state.sessions[token] = PushSession(key.name, deployment, done)
+        env.update(DEPLOYD_HOOK_SOCKET=str(state.hook_socket), DEPLOYD_SESSION=token)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "git",
+            command.name.removeprefix("git-"),
+            str(repo),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        return await _bridge(process, proc)
+    finally:
+        if not done.done():
+            done.set_result(None)
+        state.sessions.pop(token, None)
+
+
+async def _bridge(
+    process: asyncssh.SSHServerProcess[bytes], proc: asyncio.subprocess.Process
+) -> int:
+    """Copy the channel to git and git to the channel, to the last byte.
+
+    git's exit is not the end: its output may still be in the pipes, so the
+    exit status is sent only after both output pipes reached EOF. If the
+    client goes away, git's output is drained and dropped: a push whose
+    objects all arrived still runs its hook and ref update to the end.
+    """
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin = proc.stdin
+
+    async def pump_in() -> None:
+        # An exception here means the client went away: git gets EOF.
+        with contextlib.suppress(Exception):
+            while data := await process.stdin.read(65536):
+                stdin.write(data)
+                await stdin.drain()
+        with contextlib.suppress(Exception):
+            stdin.close()
+
+    async def pump_out(
+        src: asyncio.StreamReader, write: Callable[[bytes], None], drain: Callable[[], Any]
+    ) -> None:
+        alive = True
+        while data := await src.read(65536):
+            if not alive:
+                continue
+            try:
+                write(data)
+                await drain()
+            except Exception:  # the client went away: keep draining git
+                alive = False
+
+    feeder = asyncio.create_task(pump_in())
+    outs = asyncio.gather(
+        pump_out(proc.stdout, process.stdout.write, process.stdout.drain),
+        pump_out(proc.stderr, process.stderr.write, process.stderr.drain),
+    )
+    status = await proc.wait()
+    await outs
+    feeder.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await feeder
+    return status
