@@ -139,6 +139,11 @@ def init_bare(path: Path, config: Mapping[str, str]) -> None:
         _git(path, "config", key, value)
 
 
+def set_head(repo: Path, ref: str) -> None:
+    """Make HEAD of a bare repository name `ref` (what a clone checks out)."""
+    _git(repo, "symbolic-ref", "HEAD", ref)
+
+
 def resolve(repo: Path, ref: str) -> str | None:
     """The commit `ref` names in `repo`, or None if it does not exist."""
     out = _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)

@@ -84,7 +84,8 @@ class HookServer:
         except (ValueError, asyncio.LimitOverrunError, UnicodeDecodeError) as exc:
             say(f"deployd: the hook sent a malformed request ({exc}).")
         finally:
-            queue.put_nowait(None)
+            # After every line already scheduled by say(): the loop runs callbacks in order.
+            loop.call_soon(queue.put_nowait, None)
             await relayer
             with contextlib.suppress(ConnectionError, RuntimeError):
                 writer.write(f"V {verdict}\n".encode())

@@ -32,10 +32,11 @@ def hook_interpreter() -> str:
     return os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
 
 
-def ensure(state_dir: Path, deployment: str) -> Path:
-    """Create the deployment's repository if needed and install the current hook."""
+def ensure(state_dir: Path, deployment: str, branch: str) -> Path:
+    """Create the deployment's repository if needed, name its branch HEAD, install the hook."""
     path = repo_path(state_dir, deployment)
     git.init_bare(path, REPO_CONFIG)
+    git.set_head(path, f"refs/heads/{names.branch_name(branch)}")
     install_hook(path)
     return path
 
@@ -56,7 +57,7 @@ def record_deployed(
     state_dir: Path, deployment: str, branch: str, source: Path, commit: str
 ) -> None:
     """Make the server repository's branch name a commit deployed from elsewhere (the CLI)."""
-    repo = ensure(state_dir, deployment)
+    repo = ensure(state_dir, deployment, branch)
     if git.resolve(repo, commit) is None:
         git.fetch_commit(repo, source, commit)
     git.update_ref(repo, f"refs/heads/{names.branch_name(branch)}", commit)

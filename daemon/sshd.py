@@ -224,9 +224,12 @@ def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[
 async def _git(
     state: SSHState, process: asyncssh.SSHServerProcess[bytes], key: Key, command: pushrules.Command
 ) -> int:
-    deployment = state.settings.deployment(command.args[0]).name
+    dep = state.settings.deployment(command.args[0])
+    deployment = dep.name
     _check(key, deployment)
-    repo = await asyncio.to_thread(repos.ensure, state.settings.server.state_dir, deployment)
+    repo = await asyncio.to_thread(
+        repos.ensure, state.settings.server.state_dir, deployment, dep.branch
+    )
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": str(state.settings.server.state_dir),
