@@ -112,16 +112,17 @@ class Pipeline:
         try:
             return await self._run_locked(ctx, lock)
         finally:
-            await asyncio.shield(asyncio.to_thread(self._cleanup, ctx))
             if request.hold_lock is not None:
-                # git updates the pushed ref only after the hook has our answer; the
-                # next push of this deployment must see that update at its turn.
-                release = asyncio.create_task(self._release_when(lock, request.hold_lock))
-                self._releases.add(release)
-                release.add_done_callback(self._releases.discard)
+                # The pusher gets the verdict now; cleanup runs after it, and git updates
+                # the pushed ref only after the hook has our answer: the next push of
+                # this deployment must see that update at its turn, so the lock waits.
+                after = asyncio.create_task(self._after_push(ctx, lock, request.hold_lock))
+                self._releases.add(after)
+                after.add_done_callback(self._releases.discard)
             else:
+                await asyncio.shield(asyncio.to_thread(self._cleanup, ctx))
                 lock.release()
-            dlog.close()
+                dlog.close()
 
     async def _run_locked(self, ctx: DeployContext, lock: DeploymentLock) -> DeployOutcome:
         records = self.services.records
@@ -208,13 +209,16 @@ class Pipeline:
         which = f" (deploy #{by})" if by else ""
         return f"{branch} moved to {current[:12]} while you waited{which}: pull, then push again."
 
-    @staticmethod
-    async def _release_when(lock: DeploymentLock, done: asyncio.Future[None]) -> None:
+    async def _after_push(
+        self, ctx: DeployContext, lock: DeploymentLock, done: asyncio.Future[None]
+    ) -> None:
         try:
+            await asyncio.to_thread(self._cleanup, ctx)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(done), HOLD_LOCK_SECONDS)
         finally:
             lock.release()
+            ctx.log.close()
 
     async def _execute(self, ctx: DeployContext, plan: tuple[deploys.PlannedStep, ...]) -> None:
         runs = {s.name for s in plan if s.runs}

@@ -32,9 +32,15 @@ def hook_interpreter() -> str:
     return os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
 
 
-def ensure(state_dir: Path, deployment: str, branch: str) -> Path:
-    """Create the deployment's repository if needed, name its branch HEAD, install the hook."""
+def ensure(state_dir: Path, deployment: str, branch: str, refresh: bool = False) -> Path:
+    """Create the deployment's repository if needed, name its branch HEAD, install the hook.
+
+    An existing repository is left as it is unless `refresh` (the daemon's start and
+    SIGHUP): this runs on every push and fetch, where five git processes would show.
+    """
     path = repo_path(state_dir, deployment)
+    if not refresh and (path / "HEAD").is_file() and (path / "hooks" / "pre-receive").is_file():
+        return path
     git.init_bare(path, REPO_CONFIG)
     git.set_head(path, f"refs/heads/{names.branch_name(branch)}")
     install_hook(path)

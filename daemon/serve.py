@@ -71,7 +71,7 @@ class Daemon:
         fingerprint = sshd.ensure_host_key(state_dir / "ssh_host_ed25519_key")
         log.info("SSH host key %s", fingerprint)
         for dep in settings.deployments:
-            await asyncio.to_thread(repos.ensure, state_dir, dep.name, dep.branch)
+            await asyncio.to_thread(repos.ensure, state_dir, dep.name, dep.branch, True)
         await self.hooks.start()
         host, port = _split(settings.server.ssh_listen)
         acceptor = await sshd.start(self.ssh, host, port, state_dir / "ssh_host_ed25519_key")
@@ -137,7 +137,7 @@ class Daemon:
         self.ssh.load_keys(settings)
         self.services.settings = settings
         for dep in settings.deployments:
-            repos.ensure(settings.server.state_dir, dep.name, dep.branch)
+            repos.ensure(settings.server.state_dir, dep.name, dep.branch, refresh=True)
         log.info("reloaded: %d deployments, %d keys", len(settings.deployments), len(self.ssh.keys))
 
     async def _watchdog(self) -> None:

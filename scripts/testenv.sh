@@ -30,6 +30,7 @@ install_packages() {
     dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" \
         || missing+=(busybox-static)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
+    [ -x /usr/sbin/sshd ] || missing+=(openssh-server)   # the benchmarks' baseline
     command -v git >/dev/null || missing+=(git)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]}"
