@@ -277,6 +277,7 @@ class Pipeline:
         for name in records.running_steps(ctx.id):
             records.step_finished(ctx.id, name, "cancelled", "stopped")
         ctx.say(f"-----> deploy #{ctx.id} {state}: {error}")
+        log.info("deploy #%s of %s %s: %s", ctx.id, ctx.deployment.name, state, error[:200])
         records.transition(
             ctx.id, deploys.RUNNING, state, error=error, **({"step": step} if step else {})
         )

@@ -292,7 +292,7 @@ async def _bridge(
         src: asyncio.StreamReader, write: Callable[[bytes], None], drain: Callable[[], Any]
     ) -> None:
         alive = True
-        while data := await src.read(65536):
+        while data := await src.read(262144):
             if not alive:
                 continue
             try:

@@ -243,13 +243,13 @@ def test_stalled_connections_do_not_starve_a_push(tmp_path: Path, testenv: Infra
                                                   server: Server) -> None:
     import socket
 
-    idle = []
-    for _ in range(50):
-        s = socket.create_connection(("127.0.0.1", server.ssh_port))
-        idle.append(s)
+    # 50 clients that authenticate and then sit there, and 20 that never say a word.
     authed = [subprocess.Popen(server.ssh_argv("alice", "-N"), stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-              for _ in range(5)]
+              for _ in range(50)]
+    idle = [socket.create_connection(("127.0.0.1", server.ssh_port)) for _ in range(20)]
+    time.sleep(2)
+    assert all(p.poll() is None for p in authed)  # they did get in, and stay
     try:
         repo = project(tmp_path, testenv, server)
         started = time.monotonic()
