@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Sets up deployd on local defaults and runs its main job once: on a fresh
-# Debian 12 machine as root, it starts a local Docker Engine and registry
-# (scripts/testenv.sh), installs deployd in .venv, writes a config and an Astro
-# project with real Airflow DAGs, and deploys it: build, DAG check, push, record.
+# Sets up deployd on local defaults and runs its main job: on a fresh Debian 12
+# machine as root, it starts a local Docker Engine and registry
+# (scripts/testenv.sh), installs deployd in .venv, writes a config, a key and an
+# Astro project with real Airflow DAGs, deploys it once from the checkout
+# (`deployd deploy`), then starts `deployd serve` and deploys a change with
+# `git push astro main`.
 #
 # Afterwards: .venv/bin/deployd --config $QS/deployd.toml deploys
-# Stop the Engine and registry with: bash scripts/testenv.sh down
+# Stop: kill "$(cat $QS/serve.pid)"; bash scripts/testenv.sh down
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -23,9 +25,13 @@ PYTHON=$ROOT/.venv/bin/python bash scripts/testenv.sh up
 # shellcheck disable=SC1091
 . /run/deployd-testenv/env
 mkdir -p "$QS"
+[ -f "$QS/serve.pid" ] && kill "$(cat "$QS/serve.pid")" 2>/dev/null && sleep 1
+[ -f "$QS/id_ed25519" ] || ssh-keygen -q -t ed25519 -N "" -C quickstart -f "$QS/id_ed25519"
 cat >"$QS/deployd.toml" <<TOML
 [server]
 state_dir = "$QS/state"
+ssh_listen = "127.0.0.1:2222"
+http_listen = "127.0.0.1:8080"
 
 [docker]
 host = "$DOCKER_HOST"
@@ -38,6 +44,11 @@ password_file = "$DEPLOYD_TEST_REGISTRY_PASSWORD_FILE"
 [[deployment]]
 name = "example"
 image = "$DEPLOYD_TEST_REGISTRY/airflow/example"
+
+[[key]]
+name = "quickstart"
+public_key = "$(cat "$QS/id_ed25519.pub")"
+deployments = ["example"]
 TOML
 
 PROJECT=$QS/project
@@ -54,5 +65,20 @@ fi
 
 echo "-----> deployd deploy example $PROJECT" >&2
 .venv/bin/deployd --config "$QS/deployd.toml" deploy example "$PROJECT"
+
+echo "-----> deployd serve (log: $QS/serve.log), then git push astro main" >&2
+nohup .venv/bin/deployd --config "$QS/deployd.toml" serve >"$QS/serve.log" 2>&1 &
+echo $! >"$QS/serve.pid"
+for _ in $(seq 1 100); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', 2222), 1)" 2>/dev/null && break
+    sleep 0.1
+done
+export GIT_SSH_COMMAND="ssh -i $QS/id_ed25519 -o IdentitiesOnly=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+git -C "$PROJECT" remote get-url astro >/dev/null 2>&1 \
+    || git -C "$PROJECT" remote add astro ssh://git@127.0.0.1:2222/example
+printf '\n# changed by quickstart at %s\n' "$(date -u +%FT%TZ)" >>"$PROJECT/dags/example_0.py"
+git -C "$PROJECT" -c user.name=Quickstart -c user.email=qs@example.com commit -qam "Quickstart change"
+git -C "$PROJECT" push astro main
 .venv/bin/deployd --config "$QS/deployd.toml" deploys
-echo "-----> done; config in $QS/deployd.toml, project in $PROJECT ($ROOT/.venv/bin/deployd)" >&2
+echo "-----> done: deployd serve runs on 127.0.0.1:2222 (pid $(cat "$QS/serve.pid")); config" \
+     "$QS/deployd.toml, project $PROJECT" >&2
