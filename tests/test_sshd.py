@@ -54,6 +54,17 @@ def remote_head(srv: Server, repo: Path, branch: str = "main") -> str:
     return out.stdout.split()[0] if out.stdout.strip() else ""
 
 
+def push_until_parsing(srv: Server, repo: Path, **popen: object) -> subprocess.Popen[str]:
+    """Start `git push astro main` and return once its deploy is in the parse step."""
+    push = subprocess.Popen(["git", "-C", str(repo), "push", "astro", "main"],  # type: ignore[call-overload]
+                            stderr=subprocess.PIPE, text=True, env=srv.git_env(), **popen)
+    deadline = time.monotonic() + 60
+    while not any(r["step"] == "parse" for r in deploys(srv)):
+        assert time.monotonic() < deadline and push.poll() is None
+        time.sleep(0.05)
+    return push
+
+
 def test_push_deploys_and_is_accepted(tmp_path: Path, testenv: Infra, server: Server) -> None:
     repo = project(tmp_path, testenv, server)
     push = server.git(repo, "push", "astro", "main")
@@ -267,13 +278,7 @@ def test_stalled_connections_do_not_starve_a_push(tmp_path: Path, testenv: Infra
 def test_client_gone_mid_deploy_completes_and_keeps_commit(tmp_path: Path, testenv: Infra,
                                                            server: Server) -> None:
     repo = project(tmp_path, testenv, server, dags={"slow.py": SLOW_DAG})
-    push = subprocess.Popen(["git", "-C", str(repo), "push", "astro", "main"],
-                            stderr=subprocess.DEVNULL, env=server.git_env(),
-                            start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not any(r["step"] == "parse" for r in deploys(server)):
-        assert time.monotonic() < deadline and push.poll() is None
-        time.sleep(0.05)
+    push = push_until_parsing(server, repo, start_new_session=True)
     os.killpg(push.pid, signal.SIGKILL)  # git and its ssh: the connection drops
     push.wait()
     deadline = time.monotonic() + 120
@@ -292,12 +297,7 @@ def test_client_gone_mid_deploy_completes_and_keeps_commit(tmp_path: Path, teste
 def test_sighup_reloads_keys_without_touching_a_running_deploy(tmp_path: Path, testenv: Infra,
                                                                server: Server) -> None:
     repo = project(tmp_path, testenv, server, dags={"slow.py": SLOW_DAG})
-    push = subprocess.Popen(["git", "-C", str(repo), "push", "astro", "main"],
-                            stderr=subprocess.PIPE, text=True, env=server.git_env())
-    deadline = time.monotonic() + 60
-    while not any(r["step"] == "parse" for r in deploys(server)):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    push = push_until_parsing(server, repo)
     assert server.ssh("help", key="eve").returncode == 255
     eve = server.key("eve").with_name("eve.pub").read_text().strip()
     text = server.config.read_text() + f'\n[[key]]\nname = "eve"\npublic_key = "{eve}"\n'
@@ -322,12 +322,7 @@ def test_sigterm_waits_for_grace_then_interrupts(tmp_path: Path, testenv: Infra)
     srv.start()
     try:
         repo = project(tmp_path, testenv, srv, dags={"slow.py": SLOW_DAG.replace("(5)", "(60)")})
-        push = subprocess.Popen(["git", "-C", str(repo), "push", "astro", "main"],
-                                stderr=subprocess.PIPE, text=True, env=srv.git_env())
-        deadline = time.monotonic() + 60
-        while not any(r["step"] == "parse" for r in deploys(srv)):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        push = push_until_parsing(srv, repo)
         started = time.monotonic()
         srv.signal(signal.SIGTERM)
         srv.wait_note("STOPPING=1", 10)
