@@ -42,6 +42,122 @@ def load_exceptions(home):
     return allowed
 
 
+# ---------------------------------------------------------------------------
+# Parse-time lookups. Like Astro's generated integrity test, Airflow
+# connections, variables and unset environment variables are answered with
+# placeholders so that DAGs that look them up at import time can be checked.
+# Unlike it, the placeholders survive int(), float(), bool(), .split(),
+# iteration and json.loads, and every answer is reported per file.
+
+LOOKUPS = []
+_MISSING = object()
+
+
+class Placeholder(str):
+    """A string that also converts to a number (1) and parses as JSON (a dict)."""
+
+    def __int__(self):
+        return 1
+
+    def __index__(self):
+        return 1
+
+    def __float__(self):
+        return 1.0
+
+
+class PlaceholderDict(dict):
+    """A dict whose every missing key is a placeholder."""
+
+    def __missing__(self, key):
+        return Placeholder("deployd-placeholder-%s" % (key,))
+
+    def get(self, key, default=None):
+        return dict.get(self, key, default if default is not None else self[key])
+
+
+def _placeholder(kind, name):
+    LOOKUPS.append({"kind": kind, "name": str(name)[:200]})
+    return Placeholder("deployd-placeholder-%s" % (name,))
+
+
+def _fake_variable_get(key, *args, **kwargs):
+    default = args[0] if args else kwargs.get("default_var", kwargs.get("default", _MISSING))
+    as_json = kwargs.get("deserialize_json", args[1] if len(args) > 1 else False)
+    if default is not _MISSING and type(default).__name__ not in ("ArgNotSet", "NOTSET"):
+        return default
+    if as_json:
+        LOOKUPS.append({"kind": "variable", "name": str(key)[:200]})
+        return PlaceholderDict()
+    return _placeholder("variable", key)
+
+
+def _connection_class():
+    for module, attr in (("airflow.sdk", "Connection"), ("airflow.models", "Connection")):
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _fake_get_connection(conn_id, *args, **kwargs):
+    LOOKUPS.append({"kind": "connection", "name": str(conn_id)[:200]})
+    cls = _connection_class()
+    try:
+        return cls(conn_id=conn_id, conn_type="generic")
+    except TypeError:
+        return cls(conn_id)
+
+
+_real_getenv = os.getenv
+
+
+PROJECT = [""]
+
+
+def _fake_getenv(key, default=_MISSING):
+    if key in os.environ:
+        return os.environ[key]
+    if default is not _MISSING:
+        return default
+    # Only the project's own code gets placeholders: libraries (Airflow included)
+    # asking whether a variable is set keep getting None.
+    caller = sys._getframe(1).f_code.co_filename
+    if PROJECT[0] and caller.startswith(PROJECT[0]):
+        return _placeholder("env", key)
+    return None
+
+
+_real_json_loads = json.loads
+
+
+def _fake_json_loads(s, *args, **kwargs):
+    if isinstance(s, Placeholder):
+        return PlaceholderDict()
+    return _real_json_loads(s, *args, **kwargs)
+
+
+def install_placeholders():
+    """Patch the lookups a DAG file may make at import time (once, before forking)."""
+    targets = (
+        ("airflow.models", "Variable", "get", _fake_variable_get),
+        ("airflow.models.variable", "Variable", "get", _fake_variable_get),
+        ("airflow.sdk", "Variable", "get", _fake_variable_get),
+        ("airflow.hooks.base", "BaseHook", "get_connection", _fake_get_connection),
+        ("airflow.sdk", "BaseHook", "get_connection", _fake_get_connection),
+        ("airflow.sdk.bases.hook", "BaseHook", "get_connection", _fake_get_connection),
+    )
+    for module, cls_name, attr, fake in targets:
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        setattr(cls, attr, staticmethod(fake))
+    os.getenv = _fake_getenv
+    json.loads = _fake_json_loads
+
+
 def dagbag_class():
     try:
         from airflow.dag_processing.dagbag import DagBag  # Airflow 3.x
@@ -125,6 +241,7 @@ def error_from_traceback(text, path):
 def child(DagBag, folder, path, out_fd, res_fd):
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
+    del LOOKUPS[:]
     result = {}
     try:
         bag = new_bag(DagBag, folder)
@@ -138,6 +255,7 @@ def child(DagBag, folder, path, out_fd, res_fd):
             tb = traceback.format_exc()
         result["errors"] = [tb]
         result.setdefault("dags", [])
+    result["lookups"] = LOOKUPS[:100]
     data = json.dumps(result).encode()
     view = memoryview(data)
     while view:
@@ -268,6 +386,7 @@ def verdict(job, timeout):
             entry["error"] = {"kind": "Exit", "message": msg, "line": None, "traceback": ""}
         return entry
     entry["dags"] = result.get("dags", [])
+    entry["lookups"] = result.get("lookups", [])
     errors = result.get("errors") or []
     if errors:
         entry["error"] = error_from_traceback(errors[0], job.path)
@@ -296,6 +415,8 @@ def main():
         "Airflow %s loaded in %.2f s; %d DAG files to check"
         % (report["airflow_version"], time.monotonic() - started, len(files))
     )
+    PROJECT[0] = os.path.join(os.path.realpath(home), "")
+    install_placeholders()
     pre_import(airflow_imports(files))
     allowed = load_exceptions(home)
     done = run_all(

@@ -2,24 +2,99 @@
 
 The checker (daemon/checker/parse_dags.py) runs on the image's own Python and
 prints one JSON report; this step turns it into readable lines, stores it with
-the deploy and fails the deploy on import errors unless `force`.
+the deploy and fails the deploy on import errors unless `force`. Depending on
+`integrity_test`, the project's own `.astro/test_dag_integrity_default.py`
+runs as well (or instead), with pytest, in the same sandbox.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
+from daemon import integrity
 from daemon.checker import PARSE_DAGS, RESULT_MARK
 from daemon.context import DeployContext
 from daemon.errors import CheckError
 from daemon.steps import sandbox
 
 TRACEBACK_LINES = 12
+_PYTEST_SUMMARY = re.compile(r"^=*\s*(\d+ \w+(, \d+ \w+)*|no tests ran) in [0-9.]+s.*$")
 
 
 async def run(ctx: DeployContext) -> str:
-    """Check the DAGs; return a summary or raise CheckError."""
+    """Run the DAG checks `integrity_test` asks for; return a summary or raise CheckError."""
+    dep = ctx.deployment
+    path = ctx.source / integrity.PROJECT_TEST
+    project_test = path.read_text(errors="replace") if path.is_file() else None
+    builtin, project = integrity.plan(dep.integrity_test, project_test)
+    if project and project_test is None:
+        raise CheckError(
+            f"integrity_test is {dep.integrity_test!r}, but the project has no "
+            f"{integrity.PROJECT_TEST}."
+        )
+    summaries, blocking = [], []
+    if builtin:
+        summary, error = await _builtin(ctx)
+        summaries.append(summary)
+        blocking += [error] if error else []
+    if project:
+        summary, error = await _project_test(ctx)
+        summaries.append(summary)
+        blocking += [error] if error else []
+    summary = "; ".join(summaries)
+    if blocking and not ctx.request.options.force:
+        raise CheckError(" ".join(blocking) + " Fix them, or deploy anyway with force.")
+    if blocking:
+        summary += " (deployed anyway: force)"
+    return summary
+
+
+async def _project_test(ctx: DeployContext) -> tuple[str, str]:
+    """pytest over the project's integrity test: (summary, blocking error or '')."""
+    failed: list[str] = []
+    outcome = ""
+
+    def on_line(line: str) -> None:
+        nonlocal outcome
+        if line.startswith("FAILED "):
+            failed.append(line[7:].split(" - ")[0])
+        if _PYTEST_SUMMARY.match(line.strip()):
+            outcome = line.strip("= ")
+        ctx.say(line, "parse")
+
+    ctx.say(f"-----> {integrity.PROJECT_TEST} (the project's integrity test)", "parse")
+    run, _ = await sandbox.run_python(
+        ctx,
+        "parse",
+        [
+            "-m",
+            "pytest",
+            integrity.PROJECT_TEST,
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--color=no",
+            "-rf",
+        ],
+        {},
+        on_line=on_line,
+    )
+    bad = sandbox.ended_badly(
+        run, "the project's integrity test", ctx.deployment.check_timeout_seconds
+    )
+    if bad:
+        raise CheckError(bad + ".")
+    summary = f"{integrity.PROJECT_TEST}: {outcome or f'exit status {run.exit_code}'}"
+    if run.exit_code == 0:
+        return summary, ""
+    shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+    return summary, f"{integrity.PROJECT_TEST} failed: {shown or outcome or 'see the log'}."
+
+
+async def _builtin(ctx: DeployContext) -> tuple[str, str]:
+    """deployd's checker: (summary, blocking error or '')."""
     dep = ctx.deployment
     images = ctx.services.images
     result_lines: list[str] = []
@@ -56,20 +131,22 @@ async def run(ctx: DeployContext) -> str:
     for name, entry in errors.items():
         for line in describe(name, entry):
             ctx.say(line, "parse")
+    for name, entry in files.items():
+        if entry.get("lookups"):
+            answered = ", ".join(sorted({f"{x['kind']} {x['name']}" for x in entry["lookups"]}))
+            ctx.say(
+                f"       {name}: answered with placeholders at parse time: {answered}"[:400],
+                "parse",
+            )
     dags = sum(len(e["dags"]) for e in files.values())
     summary = f"{len(files)} files, {dags} DAGs, {len(errors)} import errors"
     if allowed:
         summary += f", {len(allowed)} allowed by .astro/dag_integrity_exceptions.txt"
-    if errors and not ctx.request.options.force:
-        listed = "; ".join(f"{n}: {_short(e)}" for n, e in list(errors.items())[:5])
-        more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
-        raise CheckError(
-            f"{len(errors)} DAG file(s) failed to import: {listed}{more}. "
-            "Fix them, or deploy anyway with force."
-        )
-    if errors:
-        summary += " (deployed anyway: force)"
-    return summary
+    if not errors:
+        return summary, ""
+    listed = "; ".join(f"{n}: {_short(e)}" for n, e in list(errors.items())[:5])
+    more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return summary, f"{len(errors)} DAG file(s) failed to import: {listed}{more}."
 
 
 def describe(name: str, entry: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+from daemon import dotenv
 from daemon.context import DeployContext
 from daemon.images import ContainerRun, Sandbox
 
@@ -17,21 +18,36 @@ _PYTHON = ["/bin/sh", "-c", 'exec "$(command -v python3 || command -v python)" "
 def environment(ctx: DeployContext, mount_at: str, extra: dict[str, Any]) -> dict[str, str]:
     """The environment of a check container: Airflow pointed at scratch and the project."""
     dep = ctx.deployment
-    env = {
-        "AIRFLOW_HOME": "/tmp/airflow",
-        "AIRFLOW__CORE__DAGS_FOLDER": f"{mount_at}/dags",
-        "AIRFLOW__CORE__PLUGINS_FOLDER": f"{mount_at}/plugins",
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": str(dep.import_timeout_seconds),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////tmp/airflow/airflow.db",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "HOME": "/tmp",
-        "TMPDIR": "/tmp",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = project_env(ctx)
+    env.update(
+        {
+            "AIRFLOW_HOME": "/tmp/airflow",
+            "AIRFLOW__CORE__DAGS_FOLDER": f"{mount_at}/dags",
+            "AIRFLOW__CORE__PLUGINS_FOLDER": f"{mount_at}/plugins",
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": str(dep.import_timeout_seconds),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////tmp/airflow/airflow.db",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "HOME": "/tmp",
+            "TMPDIR": "/tmp",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in extra.items()})
     return env
+
+
+def project_env(ctx: DeployContext) -> dict[str, str]:
+    """The pushed tree's `.env`, given to the check containers as Astro does."""
+    path = ctx.source / ".env"
+    if not path.is_file() or path.is_symlink():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")[: 1 << 20]
+    except OSError:
+        return {}
+    return dotenv.parse(text)
 
 
 async def run_python(

@@ -1,0 +1,120 @@
+"""The DAG checks on a real Airflow 3.3 image: placeholders, .env, integrity_test modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Infra
+from tests.projects import GOOD_DAG, make_project
+from tests.test_pipeline import deploy, repo_for
+
+pytestmark = pytest.mark.integration
+
+LOOKUPS_DAG = '''\
+import json
+import os
+from datetime import datetime
+
+from airflow.models import Variable as ModelsVariable
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, BaseHook, Variable
+
+retries = int(Variable.get("retries"))
+ratio = float(Variable.get("ratio"))
+teams = Variable.get("teams").split(",")
+config = json.loads(Variable.get("config"))
+settings = Variable.get("settings", deserialize_json=True)
+region = Variable.get("region", default="eu-west-1")
+legacy = int(ModelsVariable.get("legacy_count"))
+host = BaseHook.get_connection("warehouse").host
+bucket = os.getenv("DATA_BUCKET")
+stage = os.getenv("STAGE", "dev")
+letters = [c for c in Variable.get("letters")]
+assert region == "eu-west-1" and stage == "dev" and bool(Variable.get("flag"))
+assert os.environ["FROM_DOTENV"] == "yes, from .env"
+
+with DAG("lookups", start_date=datetime(2024, 1, 1), schedule=None):
+    EmptyOperator(task_id=f"load_{config['table']}_{settings['x']}", retries=retries)
+'''
+
+
+def test_parse_time_lookups_get_placeholders_and_are_reported(
+        tmp_path: Path, testenv: Infra, make_deployd: Any) -> None:
+    d = make_deployd({"name": "lookups", "image": repo_for(testenv, "lookups")})
+    project = make_project(tmp_path / "p", testenv.airflow_image,
+                           dags={"lookups.py": LOOKUPS_DAG},
+                           files={".env": "FROM_DOTENV='yes, from .env'\n"})
+    proc, rec = deploy(d, project, "lookups")
+    assert proc.returncode == 0, proc.stderr
+    assert rec is not None
+    entry = rec["report"]["files"]["dags/lookups.py"]
+    assert entry["status"] == "ok" and entry["dags"] == ["lookups"]
+    got = {(x["kind"], x["name"]) for x in entry["lookups"]}
+    assert got == {("variable", n) for n in ("retries", "ratio", "teams", "config", "settings",
+                                             "legacy_count", "letters", "flag")} | {
+        ("connection", "warehouse"), ("env", "DATA_BUCKET")}
+    assert "dags/lookups.py: answered with placeholders at parse time:" in proc.stderr
+
+
+CUSTOM_TEST = '''\
+from airflow.dag_processing.dagbag import DagBag  # Airflow 3
+
+
+def test_every_dag_has_tags():
+    bag = DagBag()
+    assert not bag.import_errors
+    for dag_id, dag in bag.dags.items():
+        assert dag.tags, f"{dag_id} has no tags"
+'''
+
+TAGGED = GOOD_DAG.replace('schedule=None)', 'schedule=None, tags=["team"])')
+
+
+@pytest.mark.parametrize(("mode", "custom", "tagged", "outcome"), [
+    ("auto", False, False, "ok-builtin-only"),       # generated file: not run
+    ("auto", True, False, "project-fails"),           # customised: run, and it fails
+    ("auto", True, True, "ok-both"),
+    ("project", True, True, "ok-project-only"),
+    ("both", True, True, "ok-both"),
+    # Asked for explicitly, the generated file runs, and fails on Airflow 3.3 as it
+    # does for Astro users (DagBag no longer takes include_examples).
+    ("project", False, True, "generated-fails"),
+])
+def test_integrity_test_modes(mode: str, custom: bool, tagged: bool, outcome: str,
+                              tmp_path: Path, testenv: Infra, make_deployd: Any) -> None:
+    name = f"it-{mode}-{int(custom)}{int(tagged)}"
+    d = make_deployd({"name": name, "image": repo_for(testenv, name), "integrity_test": mode})
+    dag = (TAGGED if tagged else GOOD_DAG).format(dag_id="team_dag")
+    files = {".astro/test_dag_integrity_default.py": CUSTOM_TEST} if custom else {}
+    project = make_project(tmp_path / "p", testenv.airflow_image, dags={"team.py": dag},
+                           files=files)
+    proc, rec = deploy(d, project, name)
+    assert rec is not None
+    ran_project = "-----> .astro/test_dag_integrity_default.py" in proc.stderr
+    ran_builtin = "deployd-check: Airflow" in proc.stderr
+    if outcome.endswith("fails"):
+        test = "test_every_dag_has_tags" if custom else "test_file_imports"
+        assert proc.returncode == 1 and rec["step"] == "parse"
+        assert ".astro/test_dag_integrity_default.py failed: " \
+               f".astro/test_dag_integrity_default.py::{test}" in rec["error"]
+        assert ran_project and ran_builtin == (mode != "project")
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert ran_project == (outcome in ("ok-both", "ok-project-only"))
+    assert ran_builtin == (outcome != "ok-project-only")
+
+
+def test_project_mode_without_the_file_is_refused(tmp_path: Path, testenv: Infra,
+                                                  make_deployd: Any) -> None:
+    d = make_deployd({"name": "it-nofile", "image": repo_for(testenv, "it-nofile"),
+                      "integrity_test": "project"})
+    project = make_project(tmp_path / "p", testenv.airflow_image)
+    (project / ".astro" / "test_dag_integrity_default.py").unlink()
+    from tests.projects import commit_all
+    commit_all(project, "No integrity test")
+    proc, rec = deploy(d, project, "it-nofile")
+    assert proc.returncode == 1
+    assert rec is not None and "has no .astro/test_dag_integrity_default.py" in rec["error"]
