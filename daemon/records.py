@@ -21,7 +21,7 @@ import sqlite_utils
 from daemon import deploys
 from daemon.deploys import Options
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def now() -> float:
@@ -80,7 +80,16 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db.table("log").create_index(["deploy_id", "id"])
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migration_1,)
+def _migration_2(db: sqlite_utils.Database) -> None:
+    db.table("artifacts").create(
+        {"deploy_id": int, "name": str, "content": str, "created_at": float},
+        pk=("deploy_id", "name"),
+        foreign_keys=[("deploy_id", "deploys", "id")],
+    )
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migration_1, _migration_2)
+MAX_ARTIFACT = 5 * 1024 * 1024
 
 
 class Records:
@@ -307,6 +316,28 @@ class Records:
                 [deploy_id],
             )
         ]
+
+    # -- artifacts (JUnit XML, ...) ------------------------------------------
+
+    def put_artifact(self, deploy_id: int, name: str, content: str) -> None:
+        """Keep a file with the deploy (capped at MAX_ARTIFACT characters)."""
+        with self._lock:
+            self.db.table("artifacts").insert(
+                {
+                    "deploy_id": deploy_id,
+                    "name": name,
+                    "content": content[:MAX_ARTIFACT],
+                    "created_at": now(),
+                },
+                replace=True,
+            )
+
+    def artifact(self, deploy_id: int, name: str) -> str | None:
+        """A file kept with the deploy, if any."""
+        row = self.db.execute(
+            "SELECT content FROM artifacts WHERE deploy_id = ? AND name = ?", [deploy_id, name]
+        ).fetchone()
+        return str(row[0]) if row else None
 
     # -- log -----------------------------------------------------------------
 

@@ -236,7 +236,11 @@ def test_pytest_failures_block_even_with_force(tmp_path: Path, testenv: Infra,
     proc, rec = deploy(d, project, "tests", "--pytest", "--force")
     assert proc.returncode == 1
     assert rec is not None and rec["step"] == "pytest" and "1 failed, 1 passed" in rec["error"]
+    assert "tests/dags/test_dag_example.py::test_broken" in rec["error"]
     assert "test_broken" in proc.stderr
+    junit = _artifact(d, rec["id"], "pytest-junit.xml")
+    assert '<testcase classname="tests.dags.test_dag_example" name="test_broken"' in junit
+    assert "<failure" in junit
 
     (project / "tests/dags/test_dag_example.py").write_text("def test_ok():\n    assert True\n")
     commit_all(project, "Fix the test")
@@ -244,6 +248,19 @@ def test_pytest_failures_block_even_with_force(tmp_path: Path, testenv: Infra,
     assert proc.returncode == 0, proc.stderr
     assert rec is not None
     assert {s["name"]: s["summary"] for s in rec["steps"]}["pytest"] == "1 passed"
+
+
+def _artifact(d: Deployd, deploy_id: int, name: str) -> str:
+    import sqlite3
+
+    conn = sqlite3.connect(d.state_dir / "deployd.db")
+    try:
+        row = conn.execute("SELECT content FROM artifacts WHERE deploy_id = ? AND name = ?",
+                           [deploy_id, name]).fetchone()
+    finally:
+        conn.close()
+    assert row is not None, f"no {name} kept with deploy #{deploy_id}"
+    return str(row[0])
 
 
 def test_registry_down_retries_then_exit_4(tmp_path: Path, testenv: Infra,
