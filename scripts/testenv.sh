@@ -12,7 +12,9 @@ set -euo pipefail
 
 CACHE=${DEPLOYD_TESTENV_CACHE:-/var/cache/deployd-testenv}
 RUN=${DEPLOYD_TESTENV_RUN:-/run/deployd-testenv}
-AIRFLOW_VERSION=${AIRFLOW_VERSION:-3.3.2}
+# Airflow 3 is the main test image; Airflow 2 checks that the DAG checker
+# works on both (DagBag and discovery moved between them).
+AIRFLOW_VERSIONS=${AIRFLOW_VERSIONS:-"3.3.2 2.10.5"}
 REGISTRY_PORT=${REGISTRY_PORT:-5959}
 DOCKER_SOCK=$RUN/docker.sock
 # The Python whose pip installs Airflow for the image: it must be 3.11, like
@@ -100,6 +102,7 @@ build_busybox_image() {
 }
 
 build_airflow_image() {
+    local AIRFLOW_VERSION=$1
     local tag=deployd-test/airflow:$AIRFLOW_VERSION
     docker image inspect "$tag" >/dev/null 2>&1 && return
     if [ ! -f "$CACHE/bookworm-python.tar" ]; then
@@ -116,8 +119,11 @@ build_airflow_image() {
     if [ ! -d "$CACHE/airflow-$AIRFLOW_VERSION" ]; then
         log "pip install apache-airflow==$AIRFLOW_VERSION (about 30 s, once per machine)"
         rm -rf "$CACHE/airflow-$AIRFLOW_VERSION.partial"
+        # (this machine's pip config names local indexes that may be absent: not our noise)
         "$PYTHON" -m pip install -q --disable-pip-version-check --target "$CACHE/airflow-$AIRFLOW_VERSION.partial" \
-            "apache-airflow==$AIRFLOW_VERSION" pytest
+            "apache-airflow==$AIRFLOW_VERSION" pytest 2>&1 | grep -v "WARNING: Location" >&2 || true
+        [ -d "$CACHE/airflow-$AIRFLOW_VERSION.partial/airflow" ] \
+            || { echo "pip install apache-airflow==$AIRFLOW_VERSION failed" >&2; exit 1; }
         mv "$CACHE/airflow-$AIRFLOW_VERSION.partial" "$CACHE/airflow-$AIRFLOW_VERSION"
     fi
     log "importing $tag"
@@ -157,7 +163,8 @@ DEPLOYD_TEST_REGISTRY=127.0.0.1:$REGISTRY_PORT
 DEPLOYD_TEST_REGISTRY_USER=deployd
 DEPLOYD_TEST_REGISTRY_PASSWORD_FILE=$RUN/registry-password
 DEPLOYD_TEST_BUSYBOX_IMAGE=deployd-test/busybox:1
-DEPLOYD_TEST_AIRFLOW_IMAGE=deployd-test/airflow:$AIRFLOW_VERSION
+DEPLOYD_TEST_AIRFLOW_IMAGE=deployd-test/airflow:${AIRFLOW_VERSIONS%% *}
+DEPLOYD_TEST_AIRFLOW2_IMAGE=deployd-test/airflow:${AIRFLOW_VERSIONS##* }
 ENV
 }
 
@@ -177,7 +184,7 @@ case "${1:-up}" in
         start_dockerd
         start_registry
         build_busybox_image
-        build_airflow_image
+        for version in $AIRFLOW_VERSIONS; do build_airflow_image "$version"; done
         write_env
         log "test environment ready: $RUN/env"
         ;;

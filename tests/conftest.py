@@ -32,6 +32,7 @@ class Infra:
     registry_password_file: Path
     busybox_image: str
     airflow_image: str
+    airflow2_image: str = ""
 
     @property
     def registry_password(self) -> str:
@@ -68,6 +69,7 @@ def testenv() -> Infra:
         registry_password_file=Path(values["DEPLOYD_TEST_REGISTRY_PASSWORD_FILE"]),
         busybox_image=values["DEPLOYD_TEST_BUSYBOX_IMAGE"],
         airflow_image=values["DEPLOYD_TEST_AIRFLOW_IMAGE"],
+        airflow2_image=values.get("DEPLOYD_TEST_AIRFLOW2_IMAGE", ""),
     )
 
 

@@ -118,3 +118,75 @@ def test_project_mode_without_the_file_is_refused(tmp_path: Path, testenv: Infra
     proc, rec = deploy(d, project, "it-nofile")
     assert proc.returncode == 1
     assert rec is not None and "has no .astro/test_dag_integrity_default.py" in rec["error"]
+
+
+AIRFLOW2_DAGS = {
+    "classic.py": '''\
+from datetime import datetime
+from airflow import DAG
+from airflow.operators.empty import EmptyOperator
+
+with DAG("classic", start_date=datetime(2024, 1, 1), schedule=None):
+    EmptyOperator(task_id="a") >> EmptyOperator(task_id="b")
+''',
+    "taskflow.py": '''\
+from datetime import datetime
+from airflow.decorators import dag, task
+
+@dag(start_date=datetime(2024, 1, 1), schedule=None)
+def taskflow():
+    @task
+    def hello():
+        return 1
+    hello()
+
+taskflow()
+''',
+    "lookups.py": '''\
+import json, os
+from datetime import datetime
+from airflow import DAG
+from airflow.hooks.base import BaseHook
+from airflow.models import Variable
+from airflow.operators.empty import EmptyOperator
+
+n = int(Variable.get("n"))
+cfg = json.loads(Variable.get("cfg"))
+parts = Variable.get("parts").split(",")
+js = Variable.get("js", deserialize_json=True)
+host = BaseHook.get_connection("db").host
+bucket = os.getenv("BUCKET")
+with DAG("lookups2", start_date=datetime(2024, 1, 1), schedule=None):
+    EmptyOperator(task_id=f"t{n}_{cfg['a']}")
+''',
+    "syntax.py": "from airflow import DAG\nx = (\n",
+    "missing.py": "from airflow import DAG\nimport not_a_module_anywhere\n",
+    "exits.py": "# airflow dag\nimport sys\nsys.exit(3)\n",
+    "hangs.py": "# airflow dag\nimport time\nwhile True:\n    time.sleep(0.1)\n",
+    "legacy.py": "from airflow import DAG\nraise RuntimeError('known broken')\n",
+}
+
+
+def test_the_checker_on_airflow_2(tmp_path: Path, testenv: Infra, make_deployd: Any) -> None:
+    assert testenv.airflow2_image, "scripts/testenv.sh builds an Airflow 2 image too"
+    d = make_deployd({"name": "af2", "image": repo_for(testenv, "af2"),
+                      "import_timeout_seconds": 3})
+    project = make_project(tmp_path / "p", testenv.airflow2_image, dags=AIRFLOW2_DAGS, files={
+        ".astro/dag_integrity_exceptions.txt": "dags/legacy.py\n"})
+    proc, rec = deploy(d, project, "af2")
+    assert proc.returncode == 1, proc.stderr
+    assert rec is not None and rec["report"]["airflow_version"].startswith("2.10")
+    files = rec["report"]["files"]
+    status = {name.split("/")[1]: entry["status"] for name, entry in files.items()}
+    assert status == {"classic.py": "ok", "taskflow.py": "ok", "lookups.py": "ok",
+                      "syntax.py": "error", "missing.py": "error", "exits.py": "error",
+                      "hangs.py": "error", "legacy.py": "allowed"}
+    assert files["dags/classic.py"]["dags"] == ["classic"]
+    assert files["dags/taskflow.py"]["dags"] == ["taskflow"]
+    assert {x["name"] for x in files["dags/lookups.py"]["lookups"]} == {
+        "n", "cfg", "parts", "js", "db", "BUCKET"}
+    err = {n.split("/")[1]: e.get("error") or {} for n, e in files.items()}
+    assert err["syntax.py"]["kind"] == "SyntaxError" and err["syntax.py"]["line"] == 2
+    assert err["missing.py"]["kind"] == "ModuleNotFoundError"
+    assert err["hangs.py"]["kind"] in ("AirflowTaskTimeout", "Timeout")
+    assert "exit" in err["exits.py"]["message"].lower()
