@@ -481,6 +481,11 @@ def _tag_template(value: str) -> None:
         )
     if "id" not in fields:
         raise ConfigError("", "must contain {id} so that every deploy gets its own tag.")
+    longest = len(re.sub(r"\{[^{}]*\}", "", value)) + sum(
+        {"time": 19, "sha7": 7, "sha": 40, "id": 18}[f] for f in fields
+    )
+    if longest > 128:
+        raise ConfigError("", f"renders up to {longest} characters; image tags end at 128.")
     literal = re.sub(r"\{[^{}]*\}", "", value)
     if not _TAG_LITERAL.fullmatch(literal) or value.startswith((".", "-")):
         raise ConfigError("", f"{value!r} would not make a valid image tag.")

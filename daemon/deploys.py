@@ -84,7 +84,7 @@ def image_tag(template: str, *, deploy_id: int, commit: str, when: datetime) -> 
         sha7=commit[:7],
         sha=commit,
         id=deploy_id,
-    )[:128]
+    )
 
 
 def exit_code_for(state: str) -> int:

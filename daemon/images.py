@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -25,7 +26,13 @@ import docker.errors
 import requests.exceptions
 
 from daemon.config import RegistrySettings
-from daemon.errors import BuildError, Cancelled, DependencyUnreachable, RegistryError
+from daemon.errors import (
+    BuildError,
+    Cancelled,
+    DependencyUnreachable,
+    DeploydError,
+    RegistryError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,8 @@ class Images:
             yield
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise self._unreachable(exc) from exc
+        except docker.errors.APIError as exc:
+            raise DeploydError(f"the Docker Engine refused a request: {_short(exc)}") from exc
 
     @contextlib.contextmanager
     def _stream_client(self, stop: threading.Event | None) -> Iterator[docker.APIClient]:
@@ -460,13 +469,25 @@ def _labelled_dockerfile(context: Path, labels: dict[str, str]) -> str:
     Dockerfile from outside the context, so the Engine drops it from the
     context and `COPY . .` never sees it.
     """
-    original = (context / "Dockerfile").read_text(encoding="utf-8")
+    dockerfile, ignore = context / "Dockerfile", context / ".dockerignore"
+    if dockerfile.is_symlink() or ignore.is_symlink():
+        raise BuildError("the Dockerfile and .dockerignore must be files, not symlinks.")
+    original = dockerfile.read_text(encoding="utf-8", errors="replace")
+    if original.rstrip().endswith("\\"):
+        raise BuildError("the Dockerfile ends with a line continuation (\\); remove it.")
     label_line = "LABEL " + " ".join(f"{json.dumps(k)}={json.dumps(v)}" for k, v in labels.items())
-    (context / LABELLED_DOCKERFILE).write_text(f"{original.rstrip()}\n\n{label_line}\n")
-    ignore = context / ".dockerignore"
+    _write_new(context / LABELLED_DOCKERFILE, f"{original.rstrip()}\n\n{label_line}\n")
     existing = ignore.read_text(encoding="utf-8") if ignore.is_file() else ".dockerignore\n"
-    ignore.write_text(f"{existing.rstrip()}\n{LABELLED_DOCKERFILE}\n")
+    ignore.unlink(missing_ok=True)
+    _write_new(ignore, f"{existing.rstrip()}\n{LABELLED_DOCKERFILE}\n")
     return LABELLED_DOCKERFILE
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create `path` (never through a symlink, never over an existing file) with `text`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 class _TransientPush(Exception):

@@ -67,7 +67,7 @@ class Pipeline:
         self.services = services
         # Set by `deployd serve` on SIGTERM: deploys it cancels are `interrupted`.
         self.shutting_down = False
-        self._releases: set[asyncio.Task[None]] = set()
+        self.releases: set[asyncio.Task[None]] = set()
 
     async def run(self, request: DeployRequest, sink: Sink | None = None) -> DeployOutcome:
         """Queue, wait for the lock, run every step, record the outcome."""
@@ -117,8 +117,8 @@ class Pipeline:
                 # the pushed ref only after the hook has our answer: the next push of
                 # this deployment must see that update at its turn, so the lock waits.
                 after = asyncio.create_task(self._after_push(ctx, lock, request.hold_lock))
-                self._releases.add(after)
-                after.add_done_callback(self._releases.discard)
+                self.releases.add(after)
+                after.add_done_callback(self.releases.discard)
             else:
                 await asyncio.shield(asyncio.to_thread(self._cleanup, ctx))
                 lock.release()

@@ -43,6 +43,10 @@ class Receiver:
         except DeploydError as exc:
             say(f"deployd: {exc.message}")
             return 1
+        except Exception:
+            log.exception("push handling failed")
+            say("deployd: internal error; nothing was deployed. The daemon's log has details.")
+            return 1
         finally:
             self.running.discard(task)
 

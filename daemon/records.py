@@ -203,9 +203,15 @@ class Records:
         cols = [d[0] for d in self.db.execute("SELECT * FROM deploys LIMIT 0").description]
         return self._shape(dict(zip(cols, row, strict=True)))
 
-    def list_deploys(self, deployment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """The newest deploys, optionally of one deployment."""
-        where, args = ("WHERE deployment = ?", [deployment]) if deployment else ("", [])
+    def list_deploys(
+        self, deployment: str | list[str] | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """The newest deploys: of all deployments, of one, or of several."""
+        names = [deployment] if isinstance(deployment, str) else deployment
+        where, args = ("", [])
+        if names is not None:
+            where = f"WHERE deployment IN ({', '.join('?' * len(names))})" if names else "WHERE 0"
+            args = list(names)
         rows = self.db.query(
             f"SELECT * FROM deploys {where} ORDER BY id DESC LIMIT ?",  # noqa: S608
             [*args, limit],
@@ -253,6 +259,7 @@ class Records:
             "tag": row["tag"],
             "digest": row["digest"],
             "step": row["step"],
+            "pid": row["pid"],
             "error": row["error"],
             "rollback_of": row["rollback_of"],
             "report": json.loads(row["report"]) if row["report"] else None,

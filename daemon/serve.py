@@ -28,7 +28,7 @@ from daemon.hookline import HookServer
 from daemon.images import Images
 from daemon.locks import DeploymentLock
 from daemon.notify import Notifier
-from daemon.pipeline import Pipeline
+from daemon.pipeline import HOLD_LOCK_SECONDS, Pipeline
 from daemon.receive import Receiver
 from daemon.records import Records
 from daemon.recovery import recover
@@ -105,15 +105,25 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
     async def hooks_drain(self, grace: int) -> None:
-        """Let running deploys finish for `grace` seconds, then interrupt the rest."""
+        """Let running deploys finish for `grace` seconds, then interrupt the rest.
+
+        Pushes that started over connections already open count too; after the
+        deploys, git gets its moment to update the refs of accepted pushes.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.receiver.running and loop.time() < deadline:
+            await asyncio.wait(set(self.receiver.running), timeout=deadline - loop.time())
         if self.receiver.running:
-            _, pending = await asyncio.wait(set(self.receiver.running), timeout=grace)
-            if pending:
-                log.warning("interrupting %d deploy(s) after %d s", len(pending), grace)
-                self.pipeline.shutting_down = True
-                for task in pending:
-                    task.cancel()
-                await asyncio.wait(pending, timeout=30)
+            log.warning("interrupting %d deploy(s) after %d s", len(self.receiver.running), grace)
+            self.pipeline.shutting_down = True
+            pending = set(self.receiver.running)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=30)
+        self.pipeline.shutting_down = True
+        if self.pipeline.releases:
+            await asyncio.wait(set(self.pipeline.releases), timeout=HOLD_LOCK_SECONDS)
 
     def reload(self) -> None:
         """SIGHUP: reload keys and deployments; running deploys are not touched."""

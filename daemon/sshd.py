@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import secrets
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 import asyncssh
 
 from daemon import names, pushrules, repos, views
-from daemon.config import Key, Settings
+from daemon.config import Deployment, Key, Settings
 from daemon.errors import DeploydError
 from daemon.records import Records
 
@@ -154,8 +155,11 @@ def ensure_host_key(path: Path) -> str:
     if not path.exists():
         key = asyncssh.generate_private_key("ssh-ed25519")
         path.parent.mkdir(parents=True, exist_ok=True)
-        key.write_private_key(str(path))
-        path.chmod(0o600)
+        old = os.umask(0o077)  # never readable by others, not even for a moment
+        try:
+            key.write_private_key(str(path))
+        finally:
+            os.umask(old)
         key.write_public_key(str(path) + ".pub")
     return str(asyncssh.read_private_key(str(path)).get_fingerprint())
 
@@ -195,9 +199,13 @@ def _err(process: asyncssh.SSHServerProcess[bytes], line: str) -> None:
         process.stderr.write((line + "\n").encode())
 
 
-def _check(key: Key, deployment: str) -> None:
-    if not may_use(key, deployment):
-        raise Denied(f"key {key.name} may not use deployment {deployment}.")
+def _deployment(state: SSHState, key: Key, name: str) -> Deployment:
+    """The deployment `name` if `key` may use it; the same refusal for unknown and forbidden,
+    so that a key learns nothing about deployments that are not its own."""
+    dep = next((d for d in state.settings.deployments if d.name == name), None)
+    if dep is None or not may_use(key, dep.name):
+        raise Denied(f"key {key.name} may not use deployment {name}.")
+    return dep
 
 
 def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:
@@ -207,15 +215,12 @@ def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[
         return views.help_lines(port)
     if command.name == "deploys":
         if command.args:
-            dep = state.settings.deployment(command.args[0]).name
-            _check(key, dep)
+            dep = _deployment(state, key, command.args[0]).name
             return views.deploy_table(records.list_deploys(dep, 50))
         allowed = [d.name for d in state.settings.deployments if may_use(key, d.name)]
-        rows = [r for r in records.list_deploys(None, 500) if r["deployment"] in allowed]
-        return views.deploy_table(rows[:50])
+        return views.deploy_table(records.list_deploys(allowed, 50))
     if command.name == "status":
-        dep = state.settings.deployment(command.args[0]).name
-        _check(key, dep)
+        dep = _deployment(state, key, command.args[0]).name
         return views.status_lines(dep, records.last_succeeded(dep), records.in_flight(dep))
     if command.name == "logs":
         rec = records.get(names.deploy_id(command.args[0]))
@@ -229,9 +234,8 @@ def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[
 async def _git(
     state: SSHState, process: asyncssh.SSHServerProcess[bytes], key: Key, command: pushrules.Command
 ) -> int:
-    dep = state.settings.deployment(command.args[0])
+    dep = _deployment(state, key, command.args[0])
     deployment = dep.name
-    _check(key, deployment)
     repo = await asyncio.to_thread(
         repos.ensure, state.settings.server.state_dir, deployment, dep.branch
     )

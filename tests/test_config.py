@@ -142,6 +142,9 @@ def test_minimal_config_takes_defaults(tmp_path: Path) -> None:
     ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nworkloads = ["deployment/a"]\n'
      'worker_workloads = ["statefulset/w"]\n', "deployment[0].worker_workloads",
      "not in workloads"),
+    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\n'
+     'tag_template = "release-{sha}-{sha}-{sha}-{id}"\n',
+     "deployment[0].tag_template", "image tags end at 128"),
     ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nworkloads = ["pod/a"]\n',
      "deployment[0].workloads[0]", "not deployment/NAME"),
     ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nimport_timeout_seconds = 0\n',

@@ -165,6 +165,12 @@ def test_keys_only_reach_their_deployments(tmp_path: Path, testenv: Infra,
     assert denied.returncode != 0 and "key bob may not use deployment prod" in denied.stderr
     assert server.git(repo, "push", "astro", "main").returncode == 0
     assert server.ssh("deploys", "prod", key="bob").returncode == 1
+    # Unknown and forbidden deployments get the same answer: no names leak.
+    forbidden, unknown = server.ssh("status", "prod", key="bob"), server.ssh(
+        "status", "nosuch", key="bob")
+    assert forbidden.returncode == unknown.returncode == 1
+    assert forbidden.stderr.replace("prod", "X") == unknown.stderr.replace("nosuch", "X")
+    assert "staging" not in unknown.stderr
     bob_logs = server.ssh("logs", "1", key="bob")
     assert bob_logs.returncode == 1 and "no deploy #1 that key bob may read" in bob_logs.stderr
     assert server.ssh("logs", "1", key="root").returncode == 0

@@ -148,11 +148,15 @@ def install_placeholders():
         ("airflow.sdk", "BaseHook", "get_connection", _fake_get_connection),
         ("airflow.sdk.bases.hook", "BaseHook", "get_connection", _fake_get_connection),
     )
+    import warnings
+
     for module, cls_name, attr, fake in targets:
-        try:
-            cls = getattr(importlib.import_module(module), cls_name)
-        except (ImportError, AttributeError):
-            continue
+        with warnings.catch_warnings():  # deprecated import paths still need patching
+            warnings.simplefilter("ignore")
+            try:
+                cls = getattr(importlib.import_module(module), cls_name)
+            except (ImportError, AttributeError):
+                continue
         setattr(cls, attr, staticmethod(fake))
     os.getenv = _fake_getenv
     json.loads = _fake_json_loads

@@ -3,14 +3,51 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 from daemon import git
 from daemon.context import DeployContext
+from daemon.errors import CheckError
+
+# Files deployd itself reads or writes in the checkout: never through a link.
+OWN_FILES = (
+    "Dockerfile",
+    ".dockerignore",
+    ".env",
+    ".astro/test_dag_integrity_default.py",
+    ".deployd.Dockerfile",
+)
+
+
+def refuse_escaping_links(root: Path) -> None:
+    """Refuse a tree whose symlinks leave it, or that links files deployd reads or writes.
+
+    The tree comes from a push: a link to /etc/... or to another deployment's hook
+    would otherwise be followed by the daemon's own reads and writes.
+    """
+    top = root.resolve()
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            continue
+        rel = path.relative_to(root).as_posix()
+        target = os.readlink(path)
+        resolved = (path.parent / target).resolve()
+        if os.path.isabs(target) or (resolved != top and top not in resolved.parents):
+            raise CheckError(
+                f"the commit has a symlink that points outside the project: "
+                f"{rel} -> {target}; deployd does not follow it."
+            )
+        if rel in OWN_FILES:
+            raise CheckError(f"{rel} is a symlink; deployd reads it, so it must be a file.")
+    if (root / ".deployd.Dockerfile").exists():
+        raise CheckError(".deployd.Dockerfile is deployd's own file name; rename that file.")
 
 
 async def run(ctx: DeployContext) -> str:
     """Write the commit's tree into ctx.source."""
     req = ctx.request
     await asyncio.to_thread(git.export, req.repo, req.commit, ctx.source, req.object_env)
+    await asyncio.to_thread(refuse_escaping_links, ctx.source)
     files = sum(1 for p in ctx.source.rglob("*") if p.is_file())
     return f"{req.commit[:12]} ({files} files)"

@@ -119,7 +119,12 @@ async def _builtin(ctx: DeployContext) -> tuple[str, str]:
             f"the DAG check ended (exit status {run.exit_code}) without a report; "
             "see the log above."
         )
-    report = json.loads(result_lines[-1])
+    try:
+        report = json.loads(result_lines[-1])
+        if not isinstance(report, dict) or not isinstance(report.get("files", {}), dict):
+            raise ValueError("not a report")
+    except ValueError as exc:
+        raise CheckError(f"the DAG check printed a malformed report ({exc}).") from exc
     ctx.services.records.update(ctx.id, report=json.dumps(_stored(report)))
     if report.get("fatal"):
         for line in str(report["fatal"]).splitlines()[-TRACEBACK_LINES:]:
