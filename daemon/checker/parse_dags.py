@@ -242,9 +242,8 @@ def error_from_traceback(text, path):
     }
 
 
-def child(DagBag, folder, path, out_fd, res_fd):
-    os.dup2(out_fd, 1)
-    os.dup2(out_fd, 2)
+def import_one(DagBag, folder, path):
+    """Import one DAG file the way Airflow does; what it found, as a dict."""
     del LOOKUPS[:]
     result = {}
     try:
@@ -260,95 +259,183 @@ def child(DagBag, folder, path, out_fd, res_fd):
         result["errors"] = [tb]
         result.setdefault("dags", [])
     result["lookups"] = LOOKUPS[:100]
-    data = json.dumps(result).encode()
-    view = memoryview(data)
-    while view:
-        n = os.write(res_fd, view)
-        view = view[n:]
-    os._exit(0)
+    return result
+
+
+def worker(DagBag, folder, task_r, res_w, out_w):
+    """A forked worker: import each file the parent names, answer with one JSON line."""
+    os.dup2(out_w, 1)
+    os.dup2(out_w, 2)
+    pending = b""
+    while True:
+        while b"\n" not in pending:
+            chunk = os.read(task_r, 4096)
+            if not chunk:
+                os._exit(0)
+            pending += chunk
+        line, pending = pending.split(b"\n", 1)
+        result = import_one(DagBag, folder, line.decode("utf-8"))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        view = memoryview(json.dumps(result).encode() + b"\n")
+        while view:
+            n = os.write(res_w, view)
+            view = view[n:]
 
 
 class Job(object):
-    def __init__(self, path, pid, out_r, res_r, deadline):
+    def __init__(self, path, deadline):
         self.path = path
-        self.pid = pid
-        self.out_r = out_r
-        self.res_r = res_r
         self.deadline = deadline
         self.started = time.monotonic()
         self.output = bytearray()
         self.output_bytes = 0
-        self.result = bytearray()
-        self.open = 2
+        self.result = b""
         self.status = None
         self.timed_out = False
         self.finished = None
 
 
+class Worker(object):
+    def __init__(self, pid, task_w, res_r, out_r):
+        self.pid = pid
+        self.task_w = task_w
+        self.res_r = res_r
+        self.out_r = out_r
+        self.buf = b""
+        self.job = None
+        self.dead = False
+
+
+def spawn(DagBag, folder, sel, others):
+    task_r, task_w = os.pipe()
+    res_r, res_w = os.pipe()
+    out_r, out_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        # Only our own pipes: a copy of another worker's task pipe would keep it
+        # from ever seeing the end of its work.
+        for fd in [task_w, res_r, out_r] + [
+            f for w in others for f in (w.task_w, w.res_r, w.out_r)
+        ]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            worker(DagBag, folder, task_r, res_w, out_w)
+        finally:
+            os._exit(70)
+    for fd in (task_r, res_w, out_w):
+        os.close(fd)
+    w = Worker(pid, task_w, res_r, out_r)
+    sel.register(res_r, selectors.EVENT_READ, (w, "res"))
+    sel.register(out_r, selectors.EVENT_READ, (w, "out"))
+    return w
+
+
+def retire(w, sel, kill=False):
+    """Forget a worker (killing it if asked); return its exit status."""
+    if kill:
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for fd in (w.res_r, w.out_r, w.task_w):
+        try:
+            sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    w.dead = True
+    try:
+        return os.waitpid(w.pid, 0)[1]
+    except ChildProcessError:
+        return 0
+
+
 def run_all(DagBag, folder, files, parallel, timeout):
+    """Import every file in a pool of warmed workers (Airflow already imported).
+
+    A worker imports file after file, so a fork is paid per worker, not per file.
+    A file that ends, crashes or hangs its worker gets that as its verdict and a
+    fresh worker takes over the rest.
+    """
     sel = selectors.DefaultSelector()
     pending = list(files)
-    running = {}
+    workers = []
     done = {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            path = pending.pop(0)
-            out_r, out_w = os.pipe()
-            res_r, res_w = os.pipe()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                os.close(out_r)
-                os.close(res_r)
-                try:
-                    child(DagBag, folder, path, out_w, res_w)
-                finally:
-                    os._exit(70)
-            os.close(out_w)
-            os.close(res_w)
-            job = Job(path, pid, out_r, res_r, time.monotonic() + timeout)
-            running[pid] = job
-            sel.register(out_r, selectors.EVENT_READ, (job, "out"))
-            sel.register(res_r, selectors.EVENT_READ, (job, "res"))
+
+    def assign(w):
+        if pending and not w.dead:
+            w.job = Job(pending.pop(0), time.monotonic() + timeout)
+            os.write(w.task_w, (w.job.path + "\n").encode("utf-8"))
+
+    def finish(w, status=None, result=b""):
+        job, w.job = w.job, None
+        if job is not None:
+            job.status, job.result, job.finished = status, result, time.monotonic()
+            done[job.path] = job
+
+    while pending or any(w.job for w in workers):
+        workers = [w for w in workers if not w.dead]
+        while pending and len(workers) < parallel:
+            w = spawn(DagBag, folder, sel, workers)
+            workers.append(w)
+            assign(w)
         for key, _ in sel.select(timeout=0.05):
-            job, which = key.data
-            chunk = os.read(key.fd, 65536)
-            if not chunk:
-                sel.unregister(key.fd)
-                os.close(key.fd)
-                job.open -= 1
+            w, which = key.data
+            if w.dead:
                 continue
-            if which == "res":
-                job.result += chunk
-            else:
-                job.output_bytes += len(chunk)
-                if len(job.output) < OUTPUT_KEEP:
-                    job.output += chunk[: OUTPUT_KEEP - len(job.output)]
+            chunk = os.read(key.fd, 65536)
+            if which == "out":
+                if not chunk:
+                    try:
+                        sel.unregister(key.fd)
+                    except (KeyError, ValueError):
+                        pass
+                elif w.job is not None:
+                    w.job.output_bytes += len(chunk)
+                    if len(w.job.output) < OUTPUT_KEEP:
+                        w.job.output += chunk[: OUTPUT_KEEP - len(w.job.output)]
+                continue
+            if not chunk:  # the worker is gone: its file ended it
+                finish(w, status=retire(w, sel))
+                continue
+            w.buf += chunk
+            while b"\n" in w.buf and w.job is not None:
+                line, w.buf = w.buf.split(b"\n", 1)
+                finish(w, result=line)
+                assign(w)
         now = time.monotonic()
-        for pid, job in list(running.items()):
-            if job.status is None:
-                got, status = os.waitpid(pid, os.WNOHANG)
-                if got == pid:
-                    job.status = status
-                elif now > job.deadline and not job.timed_out:
-                    job.timed_out = True
-                    os.kill(pid, signal.SIGKILL)
-            if job.status is not None and job.open == 0:
-                job.finished = now
-                del running[pid]
-                done[job.path] = job
-            elif job.status is not None and now > job.deadline + 5:
-                # The child is gone but something (a grandchild) holds its pipes.
-                for fd in (job.out_r, job.res_r):
+        for w in workers:
+            if w.dead or w.job is None:
+                continue
+            if now > w.job.deadline:
+                w.job.timed_out = True
+                finish(w, status=retire(w, sel, kill=True))
+                continue
+            got, status = os.waitpid(w.pid, os.WNOHANG)
+            if got == w.pid:  # died while a grandchild holds its pipes
+                w.dead = True
+                finish(w, status=status)
+                for fd in (w.res_r, w.out_r, w.task_w):
                     try:
                         sel.unregister(fd)
-                        os.close(fd)
-                    except (KeyError, ValueError, OSError):
+                    except (KeyError, ValueError):
                         pass
-                job.finished = now
-                del running[pid]
-                done[job.path] = job
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+    for w in workers:
+        if not w.dead:
+            retire(w, sel, kill=True)
     return done
 
 
