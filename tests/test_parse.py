@@ -190,3 +190,71 @@ def test_the_checker_on_airflow_2(tmp_path: Path, testenv: Infra, make_deployd: 
     assert err["missing.py"]["kind"] == "ModuleNotFoundError"
     assert err["hangs.py"]["kind"] in ("AirflowTaskTimeout", "Timeout")
     assert "exit" in err["exits.py"]["message"].lower()
+
+
+def _zip_dag(name: str) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("zipped_dag.py", GOOD_DAG.format(dag_id=name))
+    return buf.getvalue()
+
+
+ISOLATION_DAGS = {
+    "good.py": GOOD_DAG.format(dag_id="good"),
+    "segfault.py": "# airflow dag\nimport ctypes\nctypes.string_at(0)\n",
+    "huge.py": "# airflow dag\nblob = bytearray(4 * 2**30)\n",
+    "network.py": "# airflow dag\nimport socket\n"
+                  "socket.create_connection(('127.0.0.1', 9), timeout=2)\n",
+    "first.py": GOOD_DAG.format(dag_id="shared_id"),
+    "second.py": GOOD_DAG.format(dag_id="shared_id"),
+    "cycle.py": GOOD_DAG.format(dag_id="cycle").replace(
+        'EmptyOperator(task_id="start") >> EmptyOperator(task_id="end")',
+        'a = EmptyOperator(task_id="a")\n    b = EmptyOperator(task_id="b")\n'
+        '    a >> b\n    b >> a'),
+    "skipped_by_regexp.py": "# airflow dag\nraise RuntimeError('must be ignored')\n",
+}
+
+
+def test_isolation_duplicates_cycles_zips_and_regexp_ignore(tmp_path: Path, testenv: Infra,
+                                                            make_deployd: Any) -> None:
+    d = make_deployd({"name": "isolation", "image": repo_for(testenv, "isolation"),
+                      "check_memory_mb": 768, "import_timeout_seconds": 20})
+    project = make_project(tmp_path / "p", testenv.airflow_image, dags=ISOLATION_DAGS, files={
+        "dags/.airflowignore": "skipped_by_[a-z]+\\.py\n",
+        ".env": "AIRFLOW__CORE__DAG_IGNORE_FILE_SYNTAX=regexp\n"})
+    (project / "dags" / "packed.zip").write_bytes(_zip_dag("packed"))
+    from tests.projects import commit_all
+    commit_all(project, "Add a zipped DAG")
+    proc, rec = deploy(d, project, "isolation")
+    assert proc.returncode == 1
+    assert rec is not None
+    files = rec["report"]["files"]
+    assert "dags/skipped_by_regexp.py" not in files
+    assert files["dags/good.py"]["status"] == "ok"
+    assert files["dags/packed.zip"]["status"] == "ok"
+    assert files["dags/packed.zip"]["dags"] == ["packed"]
+    err = {n.split("/")[1]: (f.get("error") or {}) for n, f in files.items()}
+    assert err["segfault.py"]["kind"] == "Crash" and "SIGSEGV" in err["segfault.py"]["message"]
+    assert err["huge.py"]["kind"] in ("MemoryError", "Crash")
+    assert err["network.py"]["kind"] in ("ConnectionRefusedError", "OSError")
+    assert files["dags/first.py"]["status"] == "ok"
+    assert err["second.py"]["kind"] == "AirflowDagDuplicatedIdException"
+    assert "already defined in dags/first.py" in err["second.py"]["message"]
+    assert "cycle" in err["cycle.py"]["message"].lower()
+
+
+def test_checks_run_as_the_images_user(tmp_path: Path, testenv: Infra,
+                                       make_deployd: Any) -> None:
+    d = make_deployd({"name": "nonroot", "image": repo_for(testenv, "nonroot")})
+    dag = "# airflow dag\nimport os\nassert os.getuid() == 5000, os.getuid()\n" + \
+        GOOD_DAG.format(dag_id="nonroot")
+    project = make_project(tmp_path / "p", testenv.airflow_image, dags={"who.py": dag},
+                           dockerfile=f"FROM {testenv.airflow_image}\n"
+                                      "RUN useradd --uid 5000 --no-create-home astro\n"
+                                      "USER astro\n")
+    proc, rec = deploy(d, project, "nonroot", "--pytest")
+    assert proc.returncode == 0, proc.stderr
+    assert rec is not None and rec["report"]["files"]["dags/who.py"]["status"] == "ok"

@@ -266,6 +266,30 @@ def worker(DagBag, folder, task_r, res_w, out_w):
     """A forked worker: import each file the parent names, answer with one JSON line."""
     os.dup2(out_w, 1)
     os.dup2(out_w, 2)
+    # A Python-level handler for a fatal signal returns into the faulting
+    # instruction forever; with the default action the worker dies, and the file
+    # that crashed it is named.
+    try:
+        import faulthandler
+
+        faulthandler.disable()
+    except ImportError:
+        pass
+    fatal = set()
+    for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"):
+        if hasattr(signal, name):
+            fatal.add(getattr(signal, name))
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    real_signal = signal.signal
+
+    def keep_fatal_default(signum, handler):
+        # Airflow's importer installs a SIGSEGV handler per file; for a real fault
+        # in C code it never lets the process die, so the worker would spin.
+        if signum in fatal:
+            return signal.SIG_DFL
+        return real_signal(signum, handler)
+
+    signal.signal = keep_fatal_default
     pending = b""
     while True:
         while b"\n" not in pending:
@@ -513,9 +537,20 @@ def main():
     done = run_all(
         DagBag, folder, files, max(1, int(cfg.get("parallel", 1))), int(cfg["import_timeout"])
     )
+    owners = {}  # dag_id -> the file that defined it first, in Airflow's own order
     for path in files:
         rel = os.path.relpath(path, home)
         entry = verdict(done[path], int(cfg["import_timeout"]))
+        for dag_id in entry["dags"]:
+            if dag_id in owners and "error" not in entry:
+                # Each file is imported on its own, so the DagBag's cross-file check is ours.
+                entry["error"] = {
+                    "kind": "AirflowDagDuplicatedIdException",
+                    "line": None,
+                    "traceback": "",
+                    "message": "dag_id %r is already defined in %s" % (dag_id, owners[dag_id]),
+                }
+            owners.setdefault(dag_id, rel)
         entry["status"] = "ok"
         if "error" in entry:
             entry["status"] = "allowed" if os.path.normpath(rel) in allowed else "error"
