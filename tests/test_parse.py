@@ -215,6 +215,20 @@ ISOLATION_DAGS = {
         'a = EmptyOperator(task_id="a")\n    b = EmptyOperator(task_id="b")\n'
         '    a >> b\n    b >> a'),
     "skipped_by_regexp.py": "# airflow dag\nraise RuntimeError('must be ignored')\n",
+    "hard_exit.py": "# airflow dag\nimport os\nos._exit(3)\n",
+    "taskflow.py": '''\
+from datetime import datetime
+from airflow.sdk import dag, task
+
+@dag(start_date=datetime(2024, 1, 1), schedule=None)
+def taskflow():
+    @task
+    def extract():
+        return 1
+    extract()
+
+taskflow()
+''',
 }
 
 
@@ -244,6 +258,9 @@ def test_isolation_duplicates_cycles_zips_and_regexp_ignore(tmp_path: Path, test
     assert err["second.py"]["kind"] == "AirflowDagDuplicatedIdException"
     assert "already defined in dags/first.py" in err["second.py"]["message"]
     assert "cycle" in err["cycle.py"]["message"].lower()
+    assert err["hard_exit.py"]["kind"] == "Exit" and "exit status 3" in err["hard_exit.py"][
+        "message"]
+    assert files["dags/taskflow.py"]["dags"] == ["taskflow"]
 
 
 def test_checks_run_as_the_images_user(tmp_path: Path, testenv: Infra,
