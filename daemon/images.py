@@ -9,10 +9,12 @@ instruction and the tail of its output.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import re
+import tarfile
 import threading
 import time
 from collections import deque
@@ -222,6 +224,9 @@ class Images:
         removed on every path.
         """
         cpus = min(sandbox.cpus, float(self.ncpu()))
+        # A local Engine sees our work dir; a remote one gets the files in a volume
+        # (it refuses copies into a read-only root, and cannot see our paths).
+        source = str(project) if self.local else self._project_volume(image, project, labels)
         host_config = self.api.create_host_config(
             network_mode="none",
             mem_limit=f"{sandbox.memory_mb}m",
@@ -230,7 +235,7 @@ class Images:
             pids_limit=sandbox.pids,
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={sandbox.scratch_mb}m,mode=1777"},
-            binds={str(project): {"bind": mount_at, "mode": "ro"}},
+            binds={source: {"bind": mount_at, "mode": "ro"}},
             security_opt=["no-new-privileges"],
             cap_drop=["ALL"],
             init=True,
@@ -259,6 +264,37 @@ class Images:
                     docker.errors.APIError, requests.exceptions.RequestException
                 ):
                     self.api.remove_container(cid, force=True)
+                    if source != str(project):
+                        self.api.remove_volume(source, force=True)
+
+    @property
+    def local(self) -> bool:
+        """Whether the Engine runs on this host (and can bind-mount our work dirs)."""
+        return self.host.startswith("unix://")
+
+    def _project_volume(self, image: str, project: Path, labels: dict[str, str]) -> str:
+        """Copy the project into a new labelled volume on the Engine; return its name."""
+        name = f"deployd-project-{labels.get(LABEL_DEPLOY_ID, '0')}-{os.urandom(4).hex()}"
+        data = io.BytesIO()
+        with tarfile.open(fileobj=data, mode="w") as tar:
+            tar.add(str(project), arcname=".")
+        with self._engine():
+            self.api.create_volume(name=name, labels={**labels, LABEL_ROLE: "project"})
+            helper = self.api.create_container(
+                image,
+                command=["true"],
+                network_disabled=True,
+                labels={**labels, LABEL_ROLE: "copy"},
+                host_config=self.api.create_host_config(
+                    network_mode="none", binds={name: {"bind": "/deployd-project", "mode": "rw"}}
+                ),
+            )
+            try:
+                if not self.api.put_archive(helper["Id"], "/deployd-project", data.getvalue()):
+                    raise DeploydError("the Docker Engine refused the project's files.")
+            finally:
+                self.api.remove_container(helper["Id"], force=True)
+        return name
 
     def _run(
         self, cid: str, sandbox: Sandbox, on_line: Line, stop: threading.Event | None
@@ -321,7 +357,7 @@ class Images:
         return self._ncpu
 
     def remove_containers(self, labels: dict[str, str]) -> int:
-        """Force-remove every container carrying all of `labels`; return how many."""
+        """Force-remove every container (and project volume) carrying all of `labels`."""
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
         removed = 0
         with self._engine():
@@ -329,6 +365,9 @@ class Images:
                 with contextlib.suppress(docker.errors.NotFound):
                     self.api.remove_container(c["Id"], force=True)
                     removed += 1
+            for v in (self.api.volumes(filters=filters) or {}).get("Volumes") or []:
+                with contextlib.suppress(docker.errors.NotFound):
+                    self.api.remove_volume(v["Name"], force=True)
         return removed
 
     # -- registry -------------------------------------------------------------
