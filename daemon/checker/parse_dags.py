@@ -360,13 +360,8 @@ def spawn(DagBag, folder, sel, others):
     return w
 
 
-def retire(w, sel, kill=False):
-    """Forget a worker (killing it if asked); return its exit status."""
-    if kill:
-        try:
-            os.kill(w.pid, signal.SIGKILL)
-        except OSError:
-            pass
+def forget(w, sel):
+    """Stop watching a worker's pipes and close our ends of them."""
     for fd in (w.res_r, w.out_r, w.task_w):
         try:
             sel.unregister(fd)
@@ -377,6 +372,16 @@ def retire(w, sel, kill=False):
         except OSError:
             pass
     w.dead = True
+
+
+def retire(w, sel, kill=False):
+    """Forget a worker (killing it if asked); return its exit status."""
+    if kill:
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    forget(w, sel)
     try:
         return os.waitpid(w.pid, 0)[1]
     except ChildProcessError:
@@ -446,17 +451,8 @@ def run_all(DagBag, folder, files, parallel, timeout):
                 continue
             got, status = os.waitpid(w.pid, os.WNOHANG)
             if got == w.pid:  # died while a grandchild holds its pipes
-                w.dead = True
+                forget(w, sel)
                 finish(w, status=status)
-                for fd in (w.res_r, w.out_r, w.task_w):
-                    try:
-                        sel.unregister(fd)
-                    except (KeyError, ValueError):
-                        pass
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
     for w in workers:
         if not w.dead:
             retire(w, sel, kill=True)
