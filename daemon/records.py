@@ -8,6 +8,7 @@ flight and in which step.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import threading
@@ -101,10 +102,15 @@ class Records:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         self.db.execute("PRAGMA busy_timeout = 30000")
-        self.db.enable_wal()
+        # Two processes opening a new database at once (two CLI deploys) would race
+        # to switch it to WAL, which SQLite may refuse at once rather than wait for;
+        # setting up the database is serialised on a lock file beside it.
+        with open(path.with_name(path.name + ".init-lock"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            self.db.enable_wal()
+            self.migrate()
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("PRAGMA foreign_keys = ON")
-        self.migrate()
 
     def close(self) -> None:
         """Close the connection."""
