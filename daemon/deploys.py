@@ -85,8 +85,3 @@ def image_tag(template: str, *, deploy_id: int, commit: str, when: datetime) -> 
         sha=commit,
         id=deploy_id,
     )
-
-
-def exit_code_for(state: str) -> int:
-    """Map a final state to the CLI exit code of SPEC.md (errors may refine 1 to 4)."""
-    return {SUCCEEDED: 0, ROLLED_BACK: 3}.get(state, 1)

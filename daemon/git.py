@@ -6,6 +6,7 @@ failures become GitError with git's own message.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,8 +47,6 @@ def _git(repo: Path, *args: str, check: bool = True, env: Mapping[str, str] | No
 
 
 def _minimal_env() -> dict[str, str]:
-    import os
-
     keep = ("PATH", "HOME")
     return {k: v for k, v in os.environ.items() if k in keep}
 

@@ -474,7 +474,7 @@ class Images:
 
     # -- housekeeping ---------------------------------------------------------
 
-    def prune(self, deployment: str, keep: int, protect: str | None = None) -> list[str]:
+    def prune(self, deployment: str, keep: int) -> list[str]:
         """Remove local images of `deployment` beyond the newest `keep` (by deploy id)."""
         with self._engine():
             images = self.api.images(filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"})
@@ -486,8 +486,6 @@ class Images:
         images.sort(key=deploy_no, reverse=True)
         removed = []
         for img in images[keep:]:
-            if protect and img["Id"] == protect:
-                continue
             try:
                 self.api.remove_image(img["Id"], force=True)
                 removed.append(str(img["Id"]))

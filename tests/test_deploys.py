@@ -49,8 +49,3 @@ def test_image_tag_renders_template() -> None:
                              when=when) == "deploy-2024-10-01T12-30-05-0123456-41"
     assert deploys.image_tag("{sha}-{id}", deploy_id=1, commit=sha, when=when) == f"{sha}-1"
 
-
-def test_exit_codes() -> None:
-    assert deploys.exit_code_for("succeeded") == 0
-    assert deploys.exit_code_for("rolled_back") == 3
-    assert deploys.exit_code_for("failed") == 1

@@ -251,16 +251,11 @@ def test_pytest_failures_block_even_with_force(tmp_path: Path, testenv: Infra,
 
 
 def _artifact(d: Deployd, deploy_id: int, name: str) -> str:
-    import sqlite3
+    from daemon.records import Records
 
-    conn = sqlite3.connect(d.state_dir / "deployd.db")
-    try:
-        row = conn.execute("SELECT content FROM artifacts WHERE deploy_id = ? AND name = ?",
-                           [deploy_id, name]).fetchone()
-    finally:
-        conn.close()
-    assert row is not None, f"no {name} kept with deploy #{deploy_id}"
-    return str(row[0])
+    content = Records(d.state_dir / "deployd.db").artifact(deploy_id, name)
+    assert content is not None, f"no {name} kept with deploy #{deploy_id}"
+    return content
 
 
 def test_registry_down_retries_then_exit_4(tmp_path: Path, testenv: Infra,
