@@ -33,6 +33,8 @@ class DeployRequest:
     expect: tuple[str, str] | None = None
     # Keep the deployment's lock until this resolves (git updating the ref).
     hold_lock: asyncio.Future[None] | None = None
+    # Fetch the commit from the deployment's fetch_url first (webhook deploys).
+    fetch: bool = False
 
 
 @dataclass

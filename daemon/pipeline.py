@@ -31,6 +31,9 @@ from daemon.steps import build, checkout, parse, push, pytest, roll
 log = logging.getLogger(__name__)
 
 HOLD_LOCK_SECONDS = 60
+# Told about every deploy that starts running ("running") and every deploy that
+# ends ("finished"), with its record; must return at once (commit statuses).
+Observer = Callable[[str, dict[str, Any]], None]
 StepFn = Callable[[DeployContext], Awaitable[str]]
 STEP_FUNCTIONS: dict[str, StepFn] = {
     "checkout": checkout.run,
@@ -60,6 +63,20 @@ def preflight(request: DeployRequest) -> None:
         )
 
 
+def queued_fields(request: DeployRequest) -> dict[str, Any]:
+    """The record of a queued deploy of `request` (create_deploy's arguments)."""
+    return {
+        "deployment": request.deployment.name,
+        "trigger": request.trigger,
+        "actor": request.actor,
+        "ref": request.ref,
+        "options": request.options,
+        "pid": os.getpid(),
+        "commit": request.commit,
+        "description": request.options.description or request.subject,
+    }
+
+
 class Pipeline:
     """Runs deploys over shared adapters."""
 
@@ -68,26 +85,40 @@ class Pipeline:
         # Set by `deployd serve` on SIGTERM: deploys it cancels are `interrupted`.
         self.shutting_down = False
         self.releases: set[asyncio.Task[None]] = set()
+        self.observers: list[Observer] = []
 
-    async def run(self, request: DeployRequest, sink: Sink | None = None) -> DeployOutcome:
-        """Queue, wait for the lock, run every step, record the outcome."""
+    def enqueue(self, request: DeployRequest) -> int:
+        """Record a deploy of `request` as queued; `run` it with the id returned."""
         preflight(request)
+        return self.services.records.create_deploy(**queued_fields(request))
+
+    async def run(
+        self, request: DeployRequest, sink: Sink | None = None, deploy_id: int | None = None
+    ) -> DeployOutcome:
+        """Queue (unless `deploy_id` is already queued), wait for the lock, run, record."""
+        if deploy_id is None:
+            deploy_id = self.enqueue(request)
+        try:
+            return await self._run(request, sink, deploy_id)
+        finally:
+            self._tell("finished", deploy_id)
+
+    def _tell(self, event: str, deploy_id: int) -> None:
+        record = self.services.records.get(deploy_id)
+        if record is None or (event == "finished" and record["state"] not in deploys.FINAL_STATES):
+            return
+        for observer in self.observers:
+            try:
+                observer(event, record)
+            except Exception:
+                log.exception("observer of deploy #%s failed", deploy_id)
+
+    async def _run(
+        self, request: DeployRequest, sink: Sink | None, deploy_id: int
+    ) -> DeployOutcome:
         records = self.services.records
         state_dir = self.services.settings.server.state_dir
         dep = request.deployment
-        deploy_id = records.create_deploy(
-            deployment=dep.name,
-            trigger=request.trigger,
-            actor=request.actor,
-            ref=request.ref,
-            options=request.options,
-            pid=os.getpid(),
-        )
-        records.update(
-            deploy_id,
-            commit_sha=request.commit,
-            description=request.options.description or request.subject,
-        )
         dlog = DeployLog(records, deploy_id, sink)
         lock = DeploymentLock(state_dir, dep.name)
         dlog.write(
@@ -102,8 +133,12 @@ class Pipeline:
                 ),
             )
         except BaseException:
-            state = deploys.INTERRUPTED if self.shutting_down else deploys.CANCELLED
-            records.transition(deploy_id, deploys.QUEUED, state, error=f"{state} while queued")
+            if self.shutting_down and request.trigger == "webhook":
+                # Accepted by the webhook: stays queued; the next daemon resumes it.
+                dlog.write("       deployd is stopping; this deploy resumes when it starts again")
+            else:
+                state = deploys.INTERRUPTED if self.shutting_down else deploys.CANCELLED
+                records.transition(deploy_id, deploys.QUEUED, state, error=f"{state} while queued")
             dlog.close()
             raise
         ctx = DeployContext(
@@ -132,6 +167,13 @@ class Pipeline:
             recover, records, self.services.images, state_dir, dep.name, lock, current=ctx.id
         ):
             ctx.say(f"       deploy #{gone} had died; marked interrupted")
+        if ctx.request.trigger == "webhook":
+            newer = records.newer_queued(dep.name, ctx.id, "webhook")
+            if newer is not None:
+                why = f"superseded by deploy #{newer}, a newer push waiting for its turn"
+                ctx.say(f"-----> {why}")
+                records.transition(ctx.id, deploys.QUEUED, deploys.SUPERSEDED, error=why)
+                return DeployOutcome(self._record(ctx), 1)
         moved = await asyncio.to_thread(self._ref_moved, ctx)
         if moved:
             ctx.say(f"-----> refused: {moved}")
@@ -148,6 +190,7 @@ class Pipeline:
         records.plan_steps(ctx.id, [(s.name, s.skip_reason) for s in plan])
         if not records.transition(ctx.id, deploys.QUEUED, deploys.RUNNING, pid=os.getpid()):
             raise DeploydError(f"deploy #{ctx.id} was changed by someone else while queued.")
+        self._tell("running", ctx.id)
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         try:

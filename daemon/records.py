@@ -22,7 +22,7 @@ import sqlite_utils
 from daemon import deploys
 from daemon.deploys import Options
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def now() -> float:
@@ -89,7 +89,28 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migration_1, _migration_2)
+def _migration_3(db: sqlite_utils.Database) -> None:
+    # One row per webhook delivery, written before it is acknowledged: a
+    # redelivery (same hook and delivery id) finds it and deploys nothing.
+    db.table("deliveries").create(
+        {
+            "hook_id": str,
+            "delivery_id": str,
+            "event": str,
+            "received_at": float,
+            "status": int,
+            "answer": str,
+            "deploy_ids": str,
+        },
+        pk=("hook_id", "delivery_id"),
+    )
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
+    _migration_1,
+    _migration_2,
+    _migration_3,
+)
 MAX_ARTIFACT = 5 * 1024 * 1024
 
 
@@ -152,32 +173,92 @@ class Records:
         ref: str,
         options: Options,
         pid: int,
+        commit: str | None = None,
+        description: str = "",
         rollback_of: int | None = None,
     ) -> int:
         """Record a new deploy in state `queued` and return its id."""
-        with self._lock:
-            table = self.db.table("deploys")
-            table.insert(
+        row = {
+            "deployment": deployment,
+            "state": deploys.QUEUED,
+            "trigger": trigger,
+            "actor": actor,
+            "ref": ref,
+            "commit_sha": commit,
+            "description": description or options.description,
+            "options": json.dumps(
                 {
-                    "deployment": deployment,
-                    "state": deploys.QUEUED,
-                    "trigger": trigger,
-                    "actor": actor,
-                    "ref": ref,
-                    "description": options.description,
-                    "options": json.dumps(
-                        {
-                            "force": options.force,
-                            "pytest": options.pytest,
-                            "allow_dirty": options.allow_dirty,
-                        }
-                    ),
-                    "rollback_of": rollback_of,
-                    "pid": pid,
-                    "created_at": now(),
+                    "force": options.force,
+                    "pytest": options.pytest,
+                    "allow_dirty": options.allow_dirty,
                 }
+            ),
+            "rollback_of": rollback_of,
+            "pid": pid,
+            "created_at": now(),
+        }
+        cols = ", ".join(f"[{k}]" for k in row)
+        with self._lock:
+            # Plain SQL, so that it can be part of a caller's transaction.
+            cur = self.db.execute(
+                f"INSERT INTO deploys ({cols}) VALUES ({', '.join('?' * len(row))})",  # noqa: S608
+                list(row.values()),
             )
-            return int(table.last_pk)  # type: ignore[arg-type]
+            return int(cur.lastrowid or 0)
+
+    # -- webhook deliveries --------------------------------------------------
+
+    def record_delivery(
+        self,
+        hook_id: str,
+        delivery_id: str,
+        event: str,
+        decide: Callable[[], tuple[int, dict[str, Any], list[dict[str, Any]]]],
+    ) -> tuple[bool, int, dict[str, Any], list[int]]:
+        """Record a delivery once; on its first arrival create the deploys `decide` asks for.
+
+        `decide()` returns (HTTP status, answer, deploys to create as create_deploy
+        keyword arguments). Returns (new, status, answer, deploy ids); for a
+        redelivery, new is False and the rest is what the first arrival recorded.
+        The delivery and its deploys are written in one transaction.
+        """
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self.db.execute(
+                    "INSERT INTO deliveries (hook_id, delivery_id, event, received_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    [hook_id, delivery_id, event, now()],
+                )
+                if cur.rowcount == 0:
+                    self.db.execute("ROLLBACK")
+                    row = self.db.execute(
+                        "SELECT status, answer, deploy_ids FROM deliveries "
+                        "WHERE hook_id = ? AND delivery_id = ?",
+                        [hook_id, delivery_id],
+                    ).fetchone()
+                    return False, int(row[0]), json.loads(row[1]), json.loads(row[2])
+                status, answer, wanted = decide()
+                ids = [self.create_deploy(**kwargs) for kwargs in wanted]
+                self.db.execute(
+                    "UPDATE deliveries SET status = ?, answer = ?, deploy_ids = ? "
+                    "WHERE hook_id = ? AND delivery_id = ?",
+                    [status, json.dumps(answer), json.dumps(ids), hook_id, delivery_id],
+                )
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            return True, status, answer, ids
+
+    def newer_queued(self, deployment: str, deploy_id: int, trigger: str) -> int | None:
+        """The newest deploy of `deployment` by `trigger` queued after `deploy_id`, if any."""
+        row = self.db.execute(
+            "SELECT MAX(id) FROM deploys WHERE deployment = ? AND trigger = ? AND state = ? "
+            "AND id > ?",
+            [deployment, trigger, deploys.QUEUED, deploy_id],
+        ).fetchone()
+        return int(row[0]) if row and row[0] else None
 
     def transition(self, deploy_id: int, current: str, new: str, **fields: Any) -> bool:
         """Move a deploy from `current` to `new` (compare-and-set); False if it was not there."""

@@ -3,7 +3,8 @@
 Runs with the deployment's lock held, so no live deploy of that deployment can
 be running: any record still `running` belongs to a process that died (the
 kernel dropped its flock). A `queued` record is dead when its waiter is gone
-and its process no longer exists.
+and its process no longer exists, except a queued webhook deploy: GitHub was
+told it is accepted, so it waits for the daemon, which resumes it at start.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def recover(
         if rec["id"] == current:
             continue
         if rec["state"] == deploys.QUEUED and (
-            lock.live_waiter(rec["id"]) or _pid_alive(rec.get("pid"))
+            lock.live_waiter(rec["id"]) or pid_alive(rec.get("pid")) or rec["trigger"] == "webhook"
         ):
             continue
         steps = records.running_steps(rec["id"])
@@ -77,7 +78,7 @@ def _clean_work_dirs(root: Path, keep: int | None) -> None:
         shutil.rmtree(child, ignore_errors=True)
 
 
-def _pid_alive(pid: object) -> bool:
+def pid_alive(pid: object) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

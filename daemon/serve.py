@@ -16,14 +16,17 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from daemon import config as config_mod
 from daemon import repos, sshd
 from daemon import web as web_mod
+from daemon.api import Api
 from daemon.context import Services
 from daemon.errors import DeploydError
+from daemon.github import StatusReporter
 from daemon.hookline import HookServer
 from daemon.images import Images
 from daemon.locks import DeploymentLock
@@ -32,6 +35,7 @@ from daemon.pipeline import HOLD_LOCK_SECONDS, Pipeline
 from daemon.receive import Receiver
 from daemon.records import Records
 from daemon.recovery import recover
+from daemon.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,10 @@ class Daemon:
         self.ssh.load_keys(settings)
         self.receiver = Receiver(self.ssh, self.pipeline)
         self.hooks = HookServer(state_dir / "hook.sock", self.receiver)
+        self.webhooks = Webhooks(lambda: self.services.settings, self.records, self.pipeline)
+        self.api = Api(lambda: self.services.settings, self.records)
+        self.statuses = StatusReporter(lambda: self.services.settings)
+        self.pipeline.observers.append(self.statuses.observe)
         self.notifier = Notifier(dict(os.environ))
         self.stopping = asyncio.Event()
 
@@ -72,10 +80,13 @@ class Daemon:
         log.info("SSH host key %s", fingerprint)
         for dep in settings.deployments:
             await asyncio.to_thread(repos.ensure, state_dir, dep.name, dep.branch, True)
+        resumed = self.webhooks.resume()
+        if resumed:
+            log.info("resuming webhook deploys %s", ", ".join(f"#{i}" for i in resumed))
         await self.hooks.start()
         host, port = _split(settings.server.ssh_listen)
         acceptor = await sshd.start(self.ssh, host, port, state_dir / "ssh_host_ed25519_key")
-        runner = web.AppRunner(web_mod.make_app(), access_log=None)
+        runner = web.AppRunner(web_mod.make_app(self.webhooks, self.api), access_log=None)
         await runner.setup()
         http_host, http_port = _split(settings.server.http_listen)
         site = web.TCPSite(runner, http_host, http_port)
@@ -92,19 +103,24 @@ class Daemon:
         try:
             await self.stopping.wait()
         finally:
-            log.info(
-                "stopping: no new connections; waiting for %d deploy(s)", len(self.receiver.running)
-            )
+            log.info("stopping: no new connections; waiting for %d deploy(s)", len(self.running))
             self.notifier.send("STOPPING=1", "STATUS=stopping")
             acceptor.close()
-            await self.hooks_drain(settings.server.shutdown_grace_seconds)
+            self.webhooks.holding = True
+            await self.drain(settings.server.shutdown_grace_seconds)
             await self.hooks.close()
+            await self.statuses.close(timeout=10)
             await runner.cleanup()
             watchdog.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
-    async def hooks_drain(self, grace: int) -> None:
+    @property
+    def running(self) -> set[asyncio.Task[Any]]:
+        """The deploys under way: pushes over SSH and webhook deliveries."""
+        return self.receiver.running | self.webhooks.running
+
+    async def drain(self, grace: int) -> None:
         """Let running deploys finish for `grace` seconds, then interrupt the rest.
 
         Pushes that started over connections already open count too; after the
@@ -112,12 +128,12 @@ class Daemon:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.receiver.running and loop.time() < deadline:
-            await asyncio.wait(set(self.receiver.running), timeout=deadline - loop.time())
-        if self.receiver.running:
-            log.warning("interrupting %d deploy(s) after %d s", len(self.receiver.running), grace)
+        while self.running and loop.time() < deadline:
+            await asyncio.wait(self.running, timeout=deadline - loop.time())
+        if self.running:
+            log.warning("interrupting %d deploy(s) after %d s", len(self.running), grace)
             self.pipeline.shutting_down = True
-            pending = set(self.receiver.running)
+            pending = self.running
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=30)

@@ -1,8 +1,11 @@
-"""The aiohttp application: /healthz now; the webhook and the API arrive with their issue."""
+"""The aiohttp application: /healthz, the GitHub webhook and the read-only API."""
 
 from __future__ import annotations
 
 from aiohttp import web
+
+from daemon.api import Api
+from daemon.webhooks import MAX_BODY, Webhooks
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -10,8 +13,10 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def make_app() -> web.Application:
+def make_app(webhooks: Webhooks, api: Api) -> web.Application:
     """Build the HTTP application."""
-    app = web.Application(client_max_size=25 * 1024 * 1024)
+    app = web.Application(client_max_size=MAX_BODY)
     app.router.add_get("/healthz", healthz)
+    app.router.add_post("/webhooks/github", webhooks.handle)
+    app.add_routes(api.routes())
     return app

@@ -1,14 +1,19 @@
-"""Check out: export the commit's files (no .git) into the deploy's clean work dir."""
+"""Check out: export the commit's files (no .git) into the deploy's clean work dir.
+
+A webhook deploy first fetches its commit from the deployment's configured
+`fetch_url` (never from a URL in the payload) into the server repository.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from daemon import git
 from daemon.context import DeployContext
-from daemon.errors import CheckError
+from daemon.errors import CheckError, GitError
 
 # Files deployd itself reads or writes in the checkout: never through a link.
 OWN_FILES = (
@@ -47,7 +52,20 @@ def refuse_escaping_links(root: Path) -> None:
 async def run(ctx: DeployContext) -> str:
     """Write the commit's tree into ctx.source."""
     req = ctx.request
+    fetched = ""
+    if req.fetch:
+        dep = ctx.deployment
+        if not dep.fetch_url:
+            raise GitError(f"deployment {dep.name} has no fetch_url to fetch the commit from.")
+        env = git.fetch_env(
+            key_file=dep.fetch_key_file,
+            token=dep.fetch_token,
+            known_hosts=ctx.services.settings.server.state_dir / "known_hosts",
+        )
+        t0 = time.monotonic()
+        if await asyncio.to_thread(git.fetch_remote, req.repo, dep.fetch_url, req.commit, env):
+            fetched = f", fetched in {time.monotonic() - t0:.2f} s"
     await asyncio.to_thread(git.export, req.repo, req.commit, ctx.source, req.object_env)
     await asyncio.to_thread(refuse_escaping_links, ctx.source)
     files = sum(1 for p in ctx.source.rglob("*") if p.is_file())
-    return f"{req.commit[:12]} ({files} files)"
+    return f"{req.commit[:12]} ({files} files{fetched})"

@@ -1,0 +1,289 @@
+"""GitHub webhooks: verify, decide, record once, queue the deploy, answer in milliseconds.
+
+    POST /webhooks/github
+      size ≤ 25 MiB ─► JSON content type ─► HMAC-SHA256 of the raw body ─►
+      headers ─► record the delivery (once) and queue its deploys ─► 202 / 2xx
+
+The delivery row and the deploys it asks for are written in one transaction
+before the answer, so a redelivery (same hook and delivery id) finds them and
+deploys nothing. Only the deployment's configured `fetch_url` is ever fetched;
+nothing in the payload names a path or a URL deployd uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from daemon import deploys, repos
+from daemon.config import Settings
+from daemon.context import DeployRequest
+from daemon.deploys import Options
+from daemon.errors import DeploydError
+from daemon.pipeline import Pipeline, preflight, queued_fields
+from daemon.records import Records
+from daemon.recovery import pid_alive
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 25 * 1024 * 1024
+_SIGNATURE = re.compile(r"sha256=([0-9a-fA-F]{64})")
+_DELIVERY = re.compile(r"[A-Za-z0-9-]{1,100}")
+_HOOK_ID = re.compile(r"[0-9]{1,20}")
+_EVENT = re.compile(r"[a-z_]{1,64}")
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def signature_ok(secrets: Sequence[str], body: bytes, header: str | None) -> bool:
+    """Whether `header` is `sha256=<HMAC-SHA256 of body>` under one of `secrets`.
+
+    Every secret is tried (no early exit on a match), each comparison in
+    constant time.
+    """
+    match = _SIGNATURE.fullmatch(header or "")
+    if match is None:
+        return False
+    given = match.group(1).lower().encode()
+    ok = False
+    for secret in secrets:
+        expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest().encode()
+        ok |= hmac.compare_digest(expected, given)
+    return ok
+
+
+@dataclass
+class Verdict:
+    """What a delivery asks for: the answer, and the deploys to queue."""
+
+    status: int
+    answer: dict[str, Any]
+    requests: list[DeployRequest] = field(default_factory=list)
+
+
+def _ignored(reason: str) -> Verdict:
+    return Verdict(200, {"deployed": False, "reason": reason})
+
+
+def _text(value: object, limit: int) -> str:
+    """A short printable string from a payload field (anything else gives '')."""
+    if not isinstance(value, str):
+        return ""
+    first = value.strip().splitlines()[0] if value.strip() else ""
+    return "".join(c for c in first if c.isprintable())[:limit]
+
+
+def decide(event: str, payload: object, settings: Settings) -> Verdict:
+    """Decide what a verified delivery asks for. Pure: no I/O, no records."""
+    if event == "ping":
+        return Verdict(200, {"deployed": False, "reason": "pong"})
+    if event != "push":
+        return _ignored(f"{event} events do not deploy; only push does.")
+    if not isinstance(payload, dict):
+        return Verdict(400, {"error": "the push payload is not a JSON object."})
+    ref, repo, after = payload.get("ref"), payload.get("repository"), payload.get("after")
+    if not isinstance(ref, str) or not ref:
+        return Verdict(400, {"error": "the push payload has no ref."})
+    if not isinstance(repo, dict) or not isinstance(repo.get("full_name"), str):
+        return Verdict(400, {"error": "the push payload has no repository.full_name."})
+    full_name = repo["full_name"]
+    following = [
+        d
+        for d in settings.deployments
+        if d.github_repo is not None and d.github_repo.lower() == full_name.lower()
+    ]
+    if not following:
+        return _ignored(f"no deployment follows {full_name[:100]}.")
+    if not ref.startswith("refs/heads/"):
+        return _ignored(f"{ref[:100]} is not a branch; tags are not deployed.")
+    branch = ref.removeprefix("refs/heads/")
+    if payload.get("deleted") is True or after == "0" * 40:
+        return _ignored(f"branch {branch[:100]} was deleted; nothing to deploy.")
+    if not isinstance(after, str) or _SHA.fullmatch(after) is None:
+        return Verdict(400, {"error": "the push payload's `after` is not a commit id."})
+    on_branch = [d for d in following if d.branch == branch]
+    if not on_branch:
+        wanted = ", ".join(f"{d.name} deploys {d.branch}" for d in following)
+        return _ignored(f"{branch[:100]} is not a deployed branch ({wanted}).")
+    head = payload.get("head_commit")
+    subject = _text(head.get("message"), 200) if isinstance(head, dict) else ""
+    pusher = payload.get("pusher")
+    sender = payload.get("sender")
+    actor = (_text(pusher.get("name"), 64) if isinstance(pusher, dict) else "") or (
+        _text(sender.get("login"), 64) if isinstance(sender, dict) else ""
+    )
+    requests = [
+        DeployRequest(
+            deployment=dep,
+            repo=repos.repo_path(settings.server.state_dir, dep.name),
+            commit=after,
+            ref=ref,
+            subject=subject,
+            trigger="webhook",
+            actor=f"github:{actor or 'unknown'}",
+            options=Options(),
+            fetch=True,
+        )
+        for dep in on_branch
+    ]
+    return Verdict(202, {"deployed": True}, requests)
+
+
+class Webhooks:
+    """The `/webhooks/github` handler and the deploys it started."""
+
+    def __init__(
+        self, settings: Callable[[], Settings], records: Records, pipeline: Pipeline
+    ) -> None:
+        self._settings = settings
+        self.records = records
+        self.pipeline = pipeline
+        self.running: set[asyncio.Task[Any]] = set()
+        # Set while the daemon stops: deliveries are still recorded and their
+        # deploys queued, but they start only when the daemon starts again.
+        self.holding = False
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Answer one delivery."""
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return _answer(413, error=f"the body is over {MAX_BODY // (1024 * 1024)} MiB.")
+        if request.content_type != "application/json":
+            return _answer(
+                415,
+                error="only JSON deliveries: set the webhook's content type to application/json.",
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _answer(413, error=f"the body is over {MAX_BODY // (1024 * 1024)} MiB.")
+        settings = self._settings()
+        secrets = settings.github.webhook_secrets
+        if not secrets:
+            return _answer(403, error="webhooks are off: [github] webhook_secret_file is not set.")
+        if not signature_ok(secrets, body, request.headers.get("X-Hub-Signature-256")):
+            return _answer(401, error="X-Hub-Signature-256 is missing or does not match the body.")
+        event = request.headers.get("X-GitHub-Event", "")
+        delivery = request.headers.get("X-GitHub-Delivery", "")
+        hook_id = request.headers.get("X-GitHub-Hook-ID", "0")
+        for header, value, pattern in (
+            ("X-GitHub-Event", event, _EVENT),
+            ("X-GitHub-Delivery", delivery, _DELIVERY),
+            ("X-GitHub-Hook-ID", hook_id, _HOOK_ID),
+        ):
+            if pattern.fullmatch(value) is None:
+                return _answer(400, error=f"{header} is missing or malformed.")
+        verdicts: list[Verdict] = []
+
+        def first_arrival() -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+            verdict = self._verdict(event, body, settings)
+            verdicts.append(verdict)
+            return verdict.status, verdict.answer, [queued_fields(r) for r in verdict.requests]
+
+        new, status, answer, ids = self.records.record_delivery(
+            hook_id, delivery, event, first_arrival
+        )
+        if not new:
+            return self._redelivery(status, answer, ids)
+        for req, deploy_id in zip(verdicts[0].requests, ids, strict=True):
+            self.start(req, deploy_id)
+        if ids:
+            answer = {
+                **answer,
+                "deploys": [
+                    {"id": i, "deployment": r.deployment.name, "commit": r.commit}
+                    for i, r in zip(ids, verdicts[0].requests, strict=True)
+                ],
+                "message": "queued " + ", ".join(f"deploy #{i}" for i in ids),
+            }
+            log.info("delivery %s: %s", delivery, answer["message"])
+        return web.json_response(answer, status=status)
+
+    def _verdict(self, event: str, body: bytes, settings: Settings) -> Verdict:
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return Verdict(400, {"error": "the body is not valid JSON."})
+        verdict = decide(event, payload, settings)
+        for req in verdict.requests:
+            try:
+                preflight(req)
+            except DeploydError as exc:
+                return _ignored(exc.message)
+        return verdict
+
+    def _redelivery(self, status: int, answer: dict[str, Any], ids: list[int]) -> web.Response:
+        shown = []
+        for deploy_id in ids:
+            rec = self.records.get(deploy_id)
+            if rec is not None:
+                shown.append(
+                    {
+                        "id": deploy_id,
+                        "deployment": rec["deployment"],
+                        "commit": rec["commit"],
+                        "state": rec["state"],
+                        "error": rec["error"],
+                    }
+                )
+        out = {**answer, "redelivery": True}
+        if ids:
+            out["deploys"] = shown
+            out["message"] = "already delivered: " + ", ".join(
+                f"deploy #{d['id']} {d['state']}" for d in shown
+            )
+        return web.json_response(out, status=200 if status == 202 else status)
+
+    def start(self, request: DeployRequest, deploy_id: int) -> None:
+        """Run a queued webhook deploy in the background (unless the daemon is stopping)."""
+        if self.holding:
+            return
+        task = asyncio.create_task(self._deploy(request, deploy_id))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+
+    def resume(self) -> list[int]:
+        """At start: run the webhook deploys a previous daemon accepted but did not run."""
+        settings = self._settings()
+        resumed = []
+        for dep in settings.deployments:
+            for rec in self.records.in_flight(dep.name):
+                if rec["trigger"] != "webhook" or rec["state"] != deploys.QUEUED:
+                    continue
+                if rec["pid"] != os.getpid() and pid_alive(rec["pid"]):
+                    continue  # another live process owns it
+                self.records.update(rec["id"], pid=os.getpid())
+                request = DeployRequest(
+                    deployment=dep,
+                    repo=repos.repo_path(settings.server.state_dir, dep.name),
+                    commit=rec["commit"],
+                    ref=rec["ref"],
+                    subject=rec["description"],
+                    trigger="webhook",
+                    actor=rec["actor"],
+                    options=Options(),
+                    fetch=True,
+                )
+                self.start(request, rec["id"])
+                resumed.append(rec["id"])
+        return resumed
+
+    async def _deploy(self, request: DeployRequest, deploy_id: int) -> None:
+        try:
+            await self.pipeline.run(request, deploy_id=deploy_id)
+        except DeploydError as exc:
+            log.warning("webhook deploy #%s: %s", deploy_id, exc.message)
+        except Exception:
+            log.exception("webhook deploy #%s failed with an internal error", deploy_id)
+
+
+def _answer(status: int, *, error: str) -> web.Response:
+    return web.json_response({"error": error}, status=status)
