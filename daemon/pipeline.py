@@ -100,6 +100,11 @@ class Pipeline:
             deploy_id = self.enqueue(request)
         try:
             return await self._run(request, sink, deploy_id)
+        except Exception as exc:
+            # Before the deploy ran (once running, _run_locked records failures itself).
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            self.services.records.transition(deploy_id, deploys.QUEUED, deploys.FAILED, error=error)
+            raise
         finally:
             self._tell("finished", deploy_id)
 

@@ -133,6 +133,23 @@ class Records:
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("PRAGMA foreign_keys = ON")
 
+    def _rows(self, sql: str, args: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Run a read and fetch every row, holding the lock.
+
+        One connection serves every thread; a read must not interleave with
+        another thread's transaction (sqlite-utils' query() even opens a savepoint).
+        """
+        with self._lock:
+            cur = self.db.conn.execute(sql, list(args))
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def _one(self, sql: str, args: list[Any] | tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        """Run a read and fetch its first row, holding the lock."""
+        with self._lock:
+            row = self.db.conn.execute(sql, list(args)).fetchone()
+            return tuple(row) if row is not None else None
+
     def close(self) -> None:
         """Close the connection."""
         self.db.conn.close()
@@ -146,7 +163,8 @@ class Records:
                     "CREATE TABLE IF NOT EXISTS schema_migrations "
                     "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
                 )
-                row = self.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+                row = self._one("SELECT MAX(version) FROM schema_migrations")
+                assert row is not None
                 current = row[0] or 0
                 for version in range(current + 1, len(MIGRATIONS) + 1):
                     MIGRATIONS[version - 1](self.db)
@@ -159,7 +177,8 @@ class Records:
 
     def schema_version(self) -> int:
         """The newest migration applied."""
-        row = self.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        row = self._one("SELECT MAX(version) FROM schema_migrations")
+        assert row is not None
         return int(row[0] or 0)
 
     # -- deploys -------------------------------------------------------------
@@ -213,37 +232,36 @@ class Records:
         hook_id: str,
         delivery_id: str,
         event: str,
-        decide: Callable[[], tuple[int, dict[str, Any], list[dict[str, Any]]]],
+        status: int,
+        answer: dict[str, Any],
+        wanted: list[dict[str, Any]],
     ) -> tuple[bool, int, dict[str, Any], list[int]]:
-        """Record a delivery once; on its first arrival create the deploys `decide` asks for.
+        """Record a delivery once; on its first arrival create the deploys it asks for.
 
-        `decide()` returns (HTTP status, answer, deploys to create as create_deploy
-        keyword arguments). Returns (new, status, answer, deploy ids); for a
-        redelivery, new is False and the rest is what the first arrival recorded.
-        The delivery and its deploys are written in one transaction.
+        `wanted` holds create_deploy's keyword arguments for each deploy. Returns
+        (new, status, answer, deploy ids); for a redelivery, new is False and the
+        rest is what the first arrival recorded. The delivery and its deploys are
+        written in one transaction (a delivery without deploys in one statement).
         """
+        insert = (
+            "INSERT INTO deliveries (hook_id, delivery_id, event, received_at, status, answer, "
+            "deploy_ids) VALUES (?, ?, ?, ?, ?, ?, '[]') ON CONFLICT DO NOTHING"
+        )
+        args = [hook_id, delivery_id, event, now(), status, json.dumps(answer)]
         with self._lock:
+            if not wanted:
+                if self.db.execute(insert, args).rowcount == 1:
+                    return True, status, answer, []
+                return self._delivery(hook_id, delivery_id)
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                cur = self.db.execute(
-                    "INSERT INTO deliveries (hook_id, delivery_id, event, received_at) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    [hook_id, delivery_id, event, now()],
-                )
-                if cur.rowcount == 0:
+                if self.db.execute(insert, args).rowcount == 0:
                     self.db.execute("ROLLBACK")
-                    row = self.db.execute(
-                        "SELECT status, answer, deploy_ids FROM deliveries "
-                        "WHERE hook_id = ? AND delivery_id = ?",
-                        [hook_id, delivery_id],
-                    ).fetchone()
-                    return False, int(row[0]), json.loads(row[1]), json.loads(row[2])
-                status, answer, wanted = decide()
+                    return self._delivery(hook_id, delivery_id)
                 ids = [self.create_deploy(**kwargs) for kwargs in wanted]
                 self.db.execute(
-                    "UPDATE deliveries SET status = ?, answer = ?, deploy_ids = ? "
-                    "WHERE hook_id = ? AND delivery_id = ?",
-                    [status, json.dumps(answer), json.dumps(ids), hook_id, delivery_id],
+                    "UPDATE deliveries SET deploy_ids = ? WHERE hook_id = ? AND delivery_id = ?",
+                    [json.dumps(ids), hook_id, delivery_id],
                 )
                 self.db.execute("COMMIT")
             except BaseException:
@@ -251,13 +269,24 @@ class Records:
                 raise
             return True, status, answer, ids
 
+    def _delivery(
+        self, hook_id: str, delivery_id: str
+    ) -> tuple[bool, int, dict[str, Any], list[int]]:
+        row = self._one(
+            "SELECT status, answer, deploy_ids FROM deliveries "
+            "WHERE hook_id = ? AND delivery_id = ?",
+            [hook_id, delivery_id],
+        )
+        assert row is not None
+        return False, int(row[0]), json.loads(row[1]), json.loads(row[2])
+
     def newer_queued(self, deployment: str, deploy_id: int, trigger: str) -> int | None:
         """The newest deploy of `deployment` by `trigger` queued after `deploy_id`, if any."""
-        row = self.db.execute(
+        row = self._one(
             "SELECT MAX(id) FROM deploys WHERE deployment = ? AND trigger = ? AND state = ? "
             "AND id > ?",
             [deployment, trigger, deploys.QUEUED, deploy_id],
-        ).fetchone()
+        )
         return int(row[0]) if row and row[0] else None
 
     def transition(self, deploy_id: int, current: str, new: str, **fields: Any) -> bool:
@@ -284,11 +313,8 @@ class Records:
 
     def get(self, deploy_id: int) -> dict[str, Any] | None:
         """One deploy with its steps, in the shape the CLI and the API print."""
-        row = self.db.execute("SELECT * FROM deploys WHERE id = ?", [deploy_id]).fetchone()
-        if row is None:
-            return None
-        cols = [d[0] for d in self.db.execute("SELECT * FROM deploys LIMIT 0").description]
-        return self._shape(dict(zip(cols, row, strict=True)))
+        rows = self._rows("SELECT * FROM deploys WHERE id = ?", [deploy_id])
+        return self._shape(rows[0]) if rows else None
 
     def list_deploys(
         self, deployment: str | list[str] | None = None, limit: int = 50
@@ -299,7 +325,7 @@ class Records:
         if names is not None:
             where = f"WHERE deployment IN ({', '.join('?' * len(names))})" if names else "WHERE 0"
             args = list(names)
-        rows = self.db.query(
+        rows = self._rows(
             f"SELECT * FROM deploys {where} ORDER BY id DESC LIMIT ?",  # noqa: S608
             [*args, limit],
         )
@@ -307,7 +333,7 @@ class Records:
 
     def in_flight(self, deployment: str) -> list[dict[str, Any]]:
         """Deploys of `deployment` still queued or running, oldest first."""
-        rows = self.db.query(
+        rows = self._rows(
             "SELECT * FROM deploys WHERE deployment = ? AND state IN (?, ?) ORDER BY id",
             [deployment, deploys.QUEUED, deploys.RUNNING],
         )
@@ -315,7 +341,7 @@ class Records:
 
     def last_succeeded(self, deployment: str) -> dict[str, Any] | None:
         """The newest successful deploy of `deployment`."""
-        for row in self.db.query(
+        for row in self._rows(
             "SELECT * FROM deploys WHERE deployment = ? AND state = ? ORDER BY id DESC LIMIT 1",
             [deployment, deploys.SUCCEEDED],
         ):
@@ -324,10 +350,10 @@ class Records:
 
     def deployed_commit(self, deployment: str, commit: str) -> int | None:
         """The newest successful deploy of `commit` in `deployment`, if any."""
-        row = self.db.execute(
+        row = self._one(
             "SELECT MAX(id) FROM deploys WHERE deployment = ? AND commit_sha = ? AND state = ?",
             [deployment, commit, deploys.SUCCEEDED],
-        ).fetchone()
+        )
         return int(row[0]) if row and row[0] else None
 
     def _shape(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -356,7 +382,7 @@ class Records:
         }
         out["steps"] = [
             {k: s[k] for k in ("name", "state", "started_at", "finished_at", "summary")}
-            for s in self.db.query(
+            for s in self._rows(
                 "SELECT * FROM steps WHERE deploy_id = ? ORDER BY position", [row["id"]]
             )
         ]
@@ -404,7 +430,7 @@ class Records:
         """Names of the steps recorded as running, in plan order."""
         return [
             r["name"]
-            for r in self.db.query(
+            for r in self._rows(
                 "SELECT name FROM steps WHERE deploy_id = ? AND state = 'running' "
                 "ORDER BY position",
                 [deploy_id],
@@ -428,9 +454,9 @@ class Records:
 
     def artifact(self, deploy_id: int, name: str) -> str | None:
         """A file kept with the deploy, if any."""
-        row = self.db.execute(
+        row = self._one(
             "SELECT content FROM artifacts WHERE deploy_id = ? AND name = ?", [deploy_id, name]
-        ).fetchone()
+        )
         return str(row[0]) if row else None
 
     # -- log -----------------------------------------------------------------
@@ -446,7 +472,7 @@ class Records:
     def log_lines(self, deploy_id: int, after: int = 0) -> list[dict[str, Any]]:
         """Log lines of a deploy with id > `after`, oldest first."""
         return list(
-            self.db.query(
+            self._rows(
                 "SELECT id, ts, step, line FROM log WHERE deploy_id = ? AND id > ? ORDER BY id",
                 [deploy_id, after],
             )

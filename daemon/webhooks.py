@@ -181,26 +181,27 @@ class Webhooks:
         ):
             if pattern.fullmatch(value) is None:
                 return _answer(400, error=f"{header} is missing or malformed.")
-        verdicts: list[Verdict] = []
-
-        def first_arrival() -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
-            verdict = self._verdict(event, body, settings)
-            verdicts.append(verdict)
-            return verdict.status, verdict.answer, [queued_fields(r) for r in verdict.requests]
-
+        # Deciding is pure and cheap, so it runs before the insert; on a
+        # redelivery its result is dropped for what the first arrival recorded.
+        verdict = self._verdict(event, body, settings)
         new, status, answer, ids = self.records.record_delivery(
-            hook_id, delivery, event, first_arrival
+            hook_id,
+            delivery,
+            event,
+            verdict.status,
+            verdict.answer,
+            [queued_fields(r) for r in verdict.requests],
         )
         if not new:
             return self._redelivery(status, answer, ids)
-        for req, deploy_id in zip(verdicts[0].requests, ids, strict=True):
+        for req, deploy_id in zip(verdict.requests, ids, strict=True):
             self.start(req, deploy_id)
         if ids:
             answer = {
                 **answer,
                 "deploys": [
                     {"id": i, "deployment": r.deployment.name, "commit": r.commit}
-                    for i, r in zip(ids, verdicts[0].requests, strict=True)
+                    for i, r in zip(ids, verdict.requests, strict=True)
                 ],
                 "message": "queued " + ", ".join(f"deploy #{i}" for i in ids),
             }

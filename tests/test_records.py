@@ -82,3 +82,39 @@ def test_list_and_in_flight(records: Records) -> None:
     assert [r["id"] for r in records.in_flight("prod")] == [b]
     assert [r["id"] for r in records.list_deploys("prod")] == [b, a]
     assert records.list_deploys("other") == []
+
+
+def test_one_records_object_is_safe_across_threads(tmp_path: Path) -> None:
+    # The daemon shares one Records between the event loop and worker threads:
+    # reads in threads must not interleave with a transaction on the loop's thread.
+    import threading
+
+    from daemon.deploys import Options
+
+    records = Records(tmp_path / "d.db")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                records.in_flight("prod")
+                records.list_deploys("prod", limit=5)
+                records.running_steps(1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(300):
+            records.record_delivery("1", f"d-{i}", "push", 202, {}, [{
+                "deployment": "prod", "trigger": "webhook", "actor": "a", "ref": "r",
+                "options": Options(), "pid": 1}])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert len(records.list_deploys("prod", limit=1000)) == 300

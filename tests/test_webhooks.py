@@ -163,20 +163,20 @@ def _deploy_kwargs() -> dict[str, Any]:
 
 def test_a_delivery_is_recorded_once_with_its_deploys(tmp_path: Path) -> None:
     records = Records(tmp_path / "d.db")
-    calls = []
-
-    def first() -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
-        calls.append(1)
-        return 202, {"deployed": True}, [_deploy_kwargs()]
-
-    new, status, answer, ids = records.record_delivery("7", "guid-1", "push", first)
+    new, status, answer, ids = records.record_delivery(
+        "7", "guid-1", "push", 202, {"deployed": True}, [_deploy_kwargs()])
     assert (new, status, answer) == (True, 202, {"deployed": True}) and len(ids) == 1
-    again = records.record_delivery("7", "guid-1", "push", first)
+    # A redelivery gets what the first arrival recorded, whatever it would decide now.
+    again = records.record_delivery("7", "guid-1", "push", 400, {"x": 1}, [_deploy_kwargs()])
     assert again == (False, 202, {"deployed": True}, ids)
-    assert calls == [1]
     # Same delivery id from another hook is another delivery.
-    assert records.record_delivery("8", "guid-1", "push", first)[0] is True
+    assert records.record_delivery("8", "guid-1", "push", 202, {}, [_deploy_kwargs()])[0]
     assert len(records.list_deploys("prod")) == 2
+    # Deliveries that deploy nothing are recorded once too.
+    assert records.record_delivery("7", "ping-1", "ping", 200, {"r": "pong"}, []) == (
+        True, 200, {"r": "pong"}, [])
+    assert records.record_delivery("7", "ping-1", "ping", 200, {}, []) == (
+        False, 200, {"r": "pong"}, [])
 
 
 def test_concurrent_duplicates_from_two_connections_make_one_deploy(tmp_path: Path) -> None:
@@ -187,8 +187,7 @@ def test_concurrent_duplicates_from_two_connections_make_one_deploy(tmp_path: Pa
     def deliver() -> None:
         records = Records(tmp_path / "d.db")  # a connection each, like two processes
         barrier.wait()
-        new, *_ = records.record_delivery(
-            "7", "guid-2", "push", lambda: (202, {}, [_deploy_kwargs()]))
+        new, *_ = records.record_delivery("7", "guid-2", "push", 202, {}, [_deploy_kwargs()])
         results.append(new)
         records.close()
 
@@ -201,15 +200,12 @@ def test_concurrent_duplicates_from_two_connections_make_one_deploy(tmp_path: Pa
     assert len(Records(tmp_path / "d.db").list_deploys("prod")) == 1
 
 
-def test_a_failing_decision_records_nothing(tmp_path: Path) -> None:
+def test_a_failing_deploy_insert_records_no_delivery(tmp_path: Path) -> None:
     records = Records(tmp_path / "d.db")
-
-    def boom() -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError):
-        records.record_delivery("7", "guid-3", "push", boom)
-    new, *_ = records.record_delivery("7", "guid-3", "push", lambda: (200, {}, []))
+    with pytest.raises(TypeError):
+        records.record_delivery("7", "guid-3", "push", 202, {}, [{"nonsense": 1}])
+    assert records.list_deploys() == []
+    new, *_ = records.record_delivery("7", "guid-3", "push", 200, {}, [])
     assert new
 
 
