@@ -62,15 +62,21 @@ class DeploymentLock:
         self,
         ticket: int,
         on_wait: Callable[[int | None], None] | None = None,
-    ) -> None:
-        """Wait in ticket order for the lock; `on_wait(ahead)` is called once if we must wait."""
+        give_up: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Wait in ticket order for the lock; False if `give_up()` said so first.
+
+        `on_wait(ahead)` is called once if we must wait.
+        """
         self._enqueue(ticket)
         told = False
         try:
             while True:
                 ahead = self._live_waiters_before(ticket)
                 if not ahead and self.try_acquire(ticket):
-                    break
+                    return True
+                if give_up is not None and give_up():
+                    return False
                 if not told and on_wait is not None:
                     on_wait(self.holder() or (ahead[0] if ahead else None))
                     told = True

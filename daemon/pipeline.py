@@ -131,11 +131,13 @@ class Pipeline:
             f"({request.subject[:72]})"
         )
         try:
-            await lock.acquire(
+            got = await lock.acquire(
                 deploy_id,
                 on_wait=lambda ahead: dlog.write(
                     f"       queued behind deploy #{ahead}" if ahead else "       queued"
                 ),
+                # Superseded (or otherwise ended) while it waited: leave the queue.
+                give_up=lambda: records.state(deploy_id) != deploys.QUEUED,
             )
         except BaseException:
             if self.shutting_down and request.trigger == "webhook":
@@ -146,6 +148,12 @@ class Pipeline:
                 records.transition(deploy_id, deploys.QUEUED, state, error=f"{state} while queued")
             dlog.close()
             raise
+        if not got:
+            record = records.get(deploy_id)
+            assert record is not None
+            dlog.write(f"-----> {record['state']}: {record['error'] or 'while queued'}")
+            dlog.close()
+            return DeployOutcome(record, 1)
         ctx = DeployContext(
             deploy_id, request, self.services, dlog, work_root(state_dir, dep.name) / str(deploy_id)
         )
@@ -194,6 +202,10 @@ class Pipeline:
         plan = deploys.plan(dep, ctx.request.options)
         records.plan_steps(ctx.id, [(s.name, s.skip_reason) for s in plan])
         if not records.transition(ctx.id, deploys.QUEUED, deploys.RUNNING, pid=os.getpid()):
+            record = self._record(ctx)
+            if record["state"] in deploys.FINAL_STATES:  # superseded at the last moment
+                ctx.say(f"-----> {record['state']}: {record['error']}")
+                return DeployOutcome(record, 1)
             raise DeploydError(f"deploy #{ctx.id} was changed by someone else while queued.")
         self._tell("running", ctx.id)
         ctx.workdir.mkdir(parents=True, exist_ok=True)

@@ -242,6 +242,8 @@ class Records:
         (new, status, answer, deploy ids); for a redelivery, new is False and the
         rest is what the first arrival recorded. The delivery and its deploys are
         written in one transaction (a delivery without deploys in one statement).
+        Deliveries coalesce: a new deploy supersedes the deploys of its deployment
+        and trigger still queued (see supersede_queued).
         """
         insert = (
             "INSERT INTO deliveries (hook_id, delivery_id, event, received_at, status, answer, "
@@ -259,6 +261,8 @@ class Records:
                     self.db.execute("ROLLBACK")
                     return self._delivery(hook_id, delivery_id)
                 ids = [self.create_deploy(**kwargs) for kwargs in wanted]
+                for kwargs, deploy_id in zip(wanted, ids, strict=True):
+                    self.supersede_queued(kwargs["deployment"], kwargs["trigger"], deploy_id)
                 self.db.execute(
                     "UPDATE deliveries SET deploy_ids = ? WHERE hook_id = ? AND delivery_id = ?",
                     [json.dumps(ids), hook_id, delivery_id],
@@ -279,6 +283,29 @@ class Records:
         )
         assert row is not None
         return False, int(row[0]), json.loads(row[1]), json.loads(row[2])
+
+    def supersede_queued(self, deployment: str, trigger: str, newer: int) -> int:
+        """Mark `superseded` the deploys of `deployment` by `trigger` queued before `newer`."""
+        with self._lock:
+            cur = self.db.execute(
+                "UPDATE deploys SET state = ?, error = ?, finished_at = ? "
+                "WHERE deployment = ? AND trigger = ? AND state = ? AND id < ?",
+                [
+                    deploys.SUPERSEDED,
+                    f"superseded by deploy #{newer}, a newer push waiting for its turn",
+                    now(),
+                    deployment,
+                    trigger,
+                    deploys.QUEUED,
+                    newer,
+                ],
+            )
+            return int(cur.rowcount)
+
+    def state(self, deploy_id: int) -> str | None:
+        """The state of one deploy (cheap: for polling)."""
+        row = self._one("SELECT state FROM deploys WHERE id = ?", [deploy_id])
+        return str(row[0]) if row else None
 
     def newer_queued(self, deployment: str, deploy_id: int, trigger: str) -> int | None:
         """The newest deploy of `deployment` by `trigger` queued after `deploy_id`, if any."""

@@ -97,3 +97,21 @@ async def test_waiter_is_told_who_is_ahead(tmp_path: Path) -> None:
     await asyncio.wait_for(task, timeout=5)
     assert second.held
     second.release()
+
+
+async def test_a_waiter_that_gives_up_leaves_the_queue(tmp_path: Path) -> None:
+    holder = DeploymentLock(tmp_path, "prod")
+    assert holder.try_acquire(1)
+    quitting = DeploymentLock(tmp_path, "prod")
+    give_up = asyncio.Event()
+    task = asyncio.create_task(quitting.acquire(2, give_up=give_up.is_set))
+    await asyncio.sleep(0.2)
+    assert not task.done() and quitting.live_waiter(2)
+    give_up.set()
+    assert await asyncio.wait_for(task, timeout=5) is False
+    assert not quitting.held and not quitting.live_waiter(2)
+    # The one behind it is not held up by it.
+    holder.release()
+    behind = DeploymentLock(tmp_path, "prod")
+    assert await asyncio.wait_for(behind.acquire(3), timeout=5) is True
+    behind.release()

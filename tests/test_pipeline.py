@@ -241,6 +241,10 @@ def test_pytest_failures_block_even_with_force(tmp_path: Path, testenv: Infra,
     junit = _artifact(d, rec["id"], "pytest-junit.xml")
     assert '<testcase classname="tests.dags.test_dag_example" name="test_broken"' in junit
     assert "<failure" in junit
+    counts = json.loads(_artifact(d, rec["id"], "pytest-summary.json"))
+    assert {k: counts[k] for k in ("passed", "failed", "errors")} == {
+        "passed": 1, "failed": 1, "errors": 0}
+    assert counts["failing"] == ["tests/dags/test_dag_example.py::test_broken"]
 
     (project / "tests/dags/test_dag_example.py").write_text("def test_ok():\n    assert True\n")
     commit_all(project, "Fix the test")

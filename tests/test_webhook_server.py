@@ -347,7 +347,9 @@ def test_waiting_webhook_deploys_coalesce_but_ssh_pushes_do_not(tmp_path: Path, 
     ssh = wait_state(srv, ssh["id"])
     assert finals[first_id]["state"] == "succeeded"
     assert [finals[i]["state"] for i in ids] == ["superseded", "superseded", "succeeded"]
-    assert f"superseded by deploy #{ids[2]}" in finals[ids[0]]["error"]
+    # Each newer delivery supersedes the one waiting before it, at once.
+    assert f"superseded by deploy #{ids[1]}" in finals[ids[0]]["error"]
+    assert f"superseded by deploy #{ids[2]}" in finals[ids[1]]["error"]
     assert ssh["state"] != "superseded"
     server_repo = srv.state_dir / "repos" / "prod.git"
     assert git(server_repo, "rev-parse", "refs/heads/main") == later[2]
@@ -427,8 +429,11 @@ def test_accepted_deliveries_survive_a_restart(tmp_path: Path, testenv: Infra,
     by_id = {r["id"]: r for r in rows(srv)}
     assert by_id[slow_id]["state"] == "interrupted"
     assert by_id[fixed_id]["state"] == "queued"  # accepted: it waits for the daemon
-    srv.start()
-    rec = wait_state(srv, fixed_id)
-    assert rec["state"] == "succeeded", (rec, srv.log())
-    assert "resuming webhook deploys" in srv.log()
-    assert os.getpid() != rec["pid"]
+    try:
+        srv.start()
+        rec = wait_state(srv, fixed_id)
+        assert rec["state"] == "succeeded", (rec, srv.log())
+        assert "resuming webhook deploys" in srv.log()
+        assert os.getpid() != rec["pid"]
+    finally:
+        srv.stop()

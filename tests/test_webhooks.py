@@ -292,3 +292,21 @@ async def test_api_answers_with_the_cli_record_shape(tmp_path: Path) -> None:
         assert (await client.get("/api/deploys?deployment=nope", headers=auth)).status == 400
     finally:
         await client.close()
+
+
+def test_a_new_delivery_supersedes_the_queued_ones_of_its_deployment(tmp_path: Path) -> None:
+    records = Records(tmp_path / "d.db")
+    ssh = records.create_deploy(**{**_deploy_kwargs(), "trigger": "ssh"})
+    _, _, _, [first] = records.record_delivery("1", "a", "push", 202, {}, [_deploy_kwargs()])
+    records.transition(first, "queued", "running")
+    _, _, _, [second] = records.record_delivery("1", "b", "push", 202, {}, [_deploy_kwargs()])
+    other = records.record_delivery("1", "c", "push", 202, {}, [
+        {**_deploy_kwargs(), "deployment": "staging"}])[3][0]
+    _, _, _, [third] = records.record_delivery("1", "d", "push", 202, {}, [_deploy_kwargs()])
+    state = {i: records.state(i) for i in (ssh, first, second, other, third)}
+    # The running one runs on, SSH pushes and other deployments are not touched.
+    assert state == {ssh: "queued", first: "running", second: "superseded", other: "queued",
+                     third: "queued"}
+    rec = records.get(second)
+    assert rec is not None and rec["error"].startswith(f"superseded by deploy #{third}")
+    assert rec["finished_at"] is not None

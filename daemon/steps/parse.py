@@ -18,6 +18,7 @@ from daemon.checker import PARSE_DAGS, RESULT_MARK
 from daemon.context import DeployContext
 from daemon.errors import CheckError
 from daemon.steps import sandbox
+from daemon.steps.pytest import PYTEST_ENV, short_failure
 
 TRACEBACK_LINES = 12
 _PYTEST_SUMMARY = re.compile(r"^=*\s*(\d+ \w+(, \d+ \w+)*|no tests ran) in [0-9.]+s.*$")
@@ -58,8 +59,8 @@ async def _project_test(ctx: DeployContext) -> tuple[str, str]:
 
     def on_line(line: str) -> None:
         nonlocal outcome
-        if line.startswith("FAILED "):
-            failed.append(line[7:].split(" - ")[0])
+        if line.startswith(("FAILED ", "ERROR ")):
+            failed.append(short_failure(line))
         if _PYTEST_SUMMARY.match(line.strip()):
             outcome = line.strip("= ")
         ctx.say(line, "parse")
@@ -76,9 +77,9 @@ async def _project_test(ctx: DeployContext) -> tuple[str, str]:
             "no:cacheprovider",
             "-q",
             "--color=no",
-            "-rf",
+            "-rfE",
         ],
-        {},
+        PYTEST_ENV,
         on_line=on_line,
     )
     bad = sandbox.ended_badly(

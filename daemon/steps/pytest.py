@@ -21,8 +21,11 @@ _SUMMARY = re.compile(
 )
 
 
+# Wide enough that pytest's short summary keeps an error's reason whole.
+PYTEST_ENV = {"COLUMNS": "400"}
 JUNIT_MARK = "@@deployd-junit@@ "
 JUNIT_NAME = "pytest-junit.xml"
+SUMMARY_NAME = "pytest-summary.json"
 _WRAPPER = """
 import json, sys
 import pytest
@@ -38,6 +41,31 @@ sys.stdout.write("\\n" + MARK + json.dumps(xml) + "\\n")
 sys.stdout.flush()
 sys.exit(int(code))
 """.replace("MARK", repr(JUNIT_MARK))
+
+
+def counts(summary: str, failing: list[str], exit_code: int | None) -> dict[str, object]:
+    """pytest's summary line as numbers, with the failing test ids."""
+    out: dict[str, object] = {
+        k: 0 for k in ("passed", "failed", "errors", "skipped", "xfailed", "xpassed")
+    }
+    for number, word in re.findall(r"(\d+) (\w+)", summary):
+        key = "errors" if word in ("error", "errors") else word
+        if key in out:
+            out[key] = int(number)
+    out["failing"] = failing
+    out["exit_code"] = exit_code
+    return out
+
+
+def short_failure(line: str) -> str:
+    """A line of pytest's short summary, shown in an error: the test id, and for an
+    error (which happens outside a test: a module that cannot even be collected)
+    also its reason, which is the only place it is said."""
+    kind, _, rest = line.partition(" ")
+    node, _, reason = rest.partition(" - ")
+    if kind == "ERROR" and reason:
+        return f"{node} ({reason.strip()[:200]})"
+    return node
 
 
 async def run(ctx: DeployContext) -> str:
@@ -58,13 +86,16 @@ async def run(ctx: DeployContext) -> str:
         if m:
             summary = m.group(1)
         if line.startswith(("FAILED ", "ERROR ")):
-            failed.append(line.split(" ", 1)[1].split(" - ")[0])
+            failed.append(short_failure(line))
         ctx.say(line, "pytest")
 
-    run, _ = await sandbox.run_python(ctx, "pytest", ["-c", _WRAPPER], {}, on_line=on_line)
+    run, _ = await sandbox.run_python(ctx, "pytest", ["-c", _WRAPPER], PYTEST_ENV, on_line=on_line)
     if junit:
         with contextlib.suppress(ValueError):
             ctx.services.records.put_artifact(ctx.id, JUNIT_NAME, str(json.loads(junit[-1])))
+    ctx.services.records.put_artifact(
+        ctx.id, SUMMARY_NAME, json.dumps(counts(summary, failed, run.exit_code))
+    )
     bad = sandbox.ended_badly(run, "pytest", dep.check_timeout_seconds)
     if bad:
         raise CheckError(bad + ".")
