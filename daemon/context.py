@@ -11,6 +11,7 @@ from pathlib import Path
 from daemon.config import Deployment, Settings
 from daemon.deploys import Options
 from daemon.images import Images
+from daemon.kube import Cluster, Target
 from daemon.logs import DeployLog
 from daemon.records import Records
 
@@ -60,6 +61,8 @@ class DeployContext:
     tag: str = ""
     digest: str = ""
     upload: asyncio.Task[str] | None = None
+    cluster: Cluster | None = None
+    targets: list[Target] = field(default_factory=list)
 
     @property
     def deployment(self) -> Deployment:

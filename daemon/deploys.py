@@ -29,7 +29,7 @@ _TRANSITIONS: dict[str, frozenset[str]] = {
 
 # The steps of a deploy, in order. `push` may start (as an upload under a
 # staging tag) while `parse` and `pytest` run, but it only tags after them.
-STEPS = ("checkout", "build", "parse", "pytest", "push", "roll")
+STEPS = ("preflight", "checkout", "build", "parse", "pytest", "push", "roll")
 
 
 class TransitionError(ValueError):
@@ -67,13 +67,15 @@ class PlannedStep:
 def plan(deployment: Deployment, options: Options) -> tuple[PlannedStep, ...]:
     """Decide which steps a deploy runs; the order is STEPS."""
     wants_pytest = options.pytest or deployment.pytest
+    no_workloads = "" if deployment.workloads else "skipped: no workloads"
     return (
+        PlannedStep("preflight", no_workloads),
         PlannedStep("checkout"),
         PlannedStep("build"),
         PlannedStep("parse"),
         PlannedStep("pytest", "" if wants_pytest else "skipped: not requested"),
         PlannedStep("push"),
-        PlannedStep("roll", "" if deployment.workloads else "skipped: no workloads"),
+        PlannedStep("roll", no_workloads),
     )
 
 

@@ -83,6 +83,12 @@ class DependencyUnreachable(DeploydError):
     exit_code = EXIT_UNREACHABLE
 
 
+class ClusterError(DeploydError):
+    """The cluster refused what the deploy needs: a missing workload, RBAC, an API error."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
 class Cancelled(DeploydError):
     """The deploy was cancelled (its requester went away or asked)."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from daemon import deploys, git, repos
 from daemon.context import DeployContext, DeployRequest, Services
-from daemon.errors import Cancelled, DeploydError, UsageError
+from daemon.errors import Cancelled, DeploydError, RolledBack
 from daemon.images import LABEL_DEPLOY_ID
 from daemon.locks import DeploymentLock
 from daemon.logs import DeployLog, Sink
@@ -42,6 +42,7 @@ STEP_FUNCTIONS: dict[str, StepFn] = {
     "pytest": pytest.run,
     "push": push.run,
     "roll": roll.run,
+    "preflight": roll.preflight,
 }
 
 
@@ -54,13 +55,7 @@ class DeployOutcome:
 
 
 def preflight(request: DeployRequest) -> None:
-    """Refuse, before anything is queued, what this version cannot do."""
-    if request.deployment.workloads:
-        raise UsageError(
-            f"deployment {request.deployment.name} names workloads, but this version of "
-            "deployd cannot roll Kubernetes workloads yet; remove `workloads` to build, check "
-            "and push only."
-        )
+    """Refuse, before anything is queued, what this version cannot do (nothing, now)."""
 
 
 def queued_fields(request: DeployRequest) -> dict[str, Any]:
@@ -160,6 +155,8 @@ class Pipeline:
         try:
             return await self._run_locked(ctx, lock)
         finally:
+            if ctx.cluster is not None:
+                await ctx.cluster.close()
             if request.hold_lock is not None:
                 # The pusher gets the verdict now; cleanup runs after it, and git updates
                 # the pushed ref only after the hook has our answer: the next push of
@@ -225,7 +222,13 @@ class Pipeline:
             ctx.stop.set()
             await self._settle_upload(ctx)
             failed = getattr(exc, "failed_step", None)
-            state = deploys.CANCELLED if isinstance(exc, Cancelled) else deploys.FAILED
+            state = (
+                deploys.CANCELLED
+                if isinstance(exc, Cancelled)
+                else deploys.ROLLED_BACK
+                if isinstance(exc, RolledBack)
+                else deploys.FAILED
+            )
             self._finish(ctx, state, exc.message, failed)
             return DeployOutcome(self._record(ctx), exc.exit_code)
         except Exception as exc:
@@ -282,6 +285,8 @@ class Pipeline:
 
     async def _execute(self, ctx: DeployContext, plan: tuple[deploys.PlannedStep, ...]) -> None:
         runs = {s.name for s in plan if s.runs}
+        if "preflight" in runs:
+            await self._step(ctx, "preflight")
         await self._step(ctx, "checkout")
         await self._step(ctx, "build")
         # The upload overlaps the checks; the deploy tag waits for them.

@@ -34,6 +34,7 @@ install_packages() {
     command -v debootstrap >/dev/null || missing+=(debootstrap)
     [ -x /usr/sbin/sshd ] || missing+=(openssh-server)   # the benchmarks' baseline
     command -v git >/dev/null || missing+=(git)
+    command -v kubectl >/dev/null || missing+=(kubernetes-client)   # tests hold the API simulator to kubectl
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]}"
         apt-get update -qq

@@ -30,7 +30,8 @@ def test_plan_skips_pytest_and_roll_by_default() -> None:
     plan = deploys.plan(Deployment(name="p", image="r.io/a/b"), Options())
     assert [s.name for s in plan] == list(deploys.STEPS)
     skipped = {s.name: s.skip_reason for s in plan if not s.runs}
-    assert skipped == {"pytest": "skipped: not requested", "roll": "skipped: no workloads"}
+    assert skipped == {"preflight": "skipped: no workloads", "pytest": "skipped: not requested",
+                       "roll": "skipped: no workloads"}
 
 
 def test_plan_runs_pytest_when_asked_or_configured() -> None:

@@ -1,0 +1,307 @@
+"""Adapter to the Kubernetes API (lightkube, async): preflight, patch, watch, roll back.
+
+Workloads are read and written as plain dicts; what "done" means lives in
+daemon/rollout.py. API and connection errors become DeploydErrors with the
+API server's own message: an unreachable cluster is DependencyUnreachable,
+a refusal (RBAC, missing object) is ClusterError; both exit 4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+from lightkube import ApiError, AsyncClient
+from lightkube.config.kubeconfig import KubeConfig
+from lightkube.models.authorization_v1 import ResourceAttributes, SelfSubjectAccessReviewSpec
+from lightkube.resources.apps_v1 import Deployment as K8sDeployment
+from lightkube.resources.apps_v1 import StatefulSet as K8sStatefulSet
+from lightkube.resources.authorization_v1 import SelfSubjectAccessReview
+from lightkube.types import PatchType
+
+from daemon import rollout
+from daemon.config import Deployment, KubernetesSettings, Workload
+from daemon.errors import ClusterError, DependencyUnreachable
+
+KINDS: dict[str, Any] = {"deployment": K8sDeployment, "statefulset": K8sStatefulSet}
+GROUP_RESOURCE = {"deployment": ("apps", "deployments"), "statefulset": ("apps", "statefulsets")}
+ANNOTATION_DEPLOY = "deployd.dev/deploy-id"
+ANNOTATION_COMMIT = "deployd.dev/commit"
+# Where Airflow's KubernetesExecutor reads the image of task pods (Airflow 3, then 2).
+EXECUTOR_IMAGE_ENV = (
+    (
+        "AIRFLOW__KUBERNETES_EXECUTOR__WORKER_CONTAINER_REPOSITORY",
+        "AIRFLOW__KUBERNETES_EXECUTOR__WORKER_CONTAINER_TAG",
+    ),
+    (
+        "AIRFLOW__KUBERNETES__WORKER_CONTAINER_REPOSITORY",
+        "AIRFLOW__KUBERNETES__WORKER_CONTAINER_TAG",
+    ),
+)
+
+
+def repository(image: str) -> str:
+    """`registry/path` of an image reference, without tag or digest."""
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    return name.rsplit(":", 1)[0] if ":" in last else name
+
+
+@dataclass
+class Target:
+    """One workload to roll: what it runs now and which containers get the new image."""
+
+    workload: Workload
+    containers: list[str]
+    init_containers: list[str]
+    images: dict[str, str]  # container name -> image before this deploy
+    executor_env: dict[str, dict[str, str]] = field(default_factory=dict)  # container -> env
+    worker: bool = False
+    generation: int = 0
+    # The pod template as it was, to restore it exactly on rollback (the old
+    # ReplicaSet / revision is then reused).
+    annotations: dict[str, str | None] = field(default_factory=dict)
+    grace: int | None = None
+    env: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+class Cluster:
+    """The deployment's cluster, through one lightkube client."""
+
+    def __init__(self, settings: KubernetesSettings, namespace: str) -> None:
+        self.namespace = namespace
+        try:
+            config = (
+                KubeConfig.from_file(str(settings.kubeconfig))
+                if settings.kubeconfig
+                else KubeConfig.from_env()
+            )
+        except Exception as exc:
+            raise DependencyUnreachable(f"no usable kubeconfig: {exc}") from exc
+        self.client = AsyncClient(
+            config=config,
+            namespace=namespace,
+            timeout=httpx2.Timeout(30.0),
+            field_manager="deployd",
+        )
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.close()
+
+    # -- reading -------------------------------------------------------------
+
+    async def get(self, workload: Workload) -> dict[str, Any]:
+        async with _translated(f"reading {workload}"):
+            obj = await self.client.get(
+                KINDS[workload.kind], workload.name, namespace=self.namespace
+            )
+        return dict(obj.to_dict())
+
+    async def preflight(self, dep: Deployment) -> list[Target]:
+        """Every workload exists, has containers on the deployment's image, and may be rolled."""
+        await self._may(dep)
+        targets = await asyncio.gather(*(self._target(dep, w) for w in dep.workloads))
+        return list(targets)
+
+    async def _may(self, dep: Deployment) -> None:
+        wanted = sorted(
+            {
+                (GROUP_RESOURCE[w.kind], verb)
+                for w in dep.workloads
+                for verb in ("get", "patch", "watch")
+            }
+        )
+
+        async def allowed(group: str, resource: str, verb: str) -> bool:
+            review = SelfSubjectAccessReview(
+                spec=SelfSubjectAccessReviewSpec(
+                    resourceAttributes=ResourceAttributes(
+                        namespace=self.namespace, verb=verb, group=group, resource=resource
+                    )
+                )
+            )
+            async with _translated("checking permissions"):
+                answer = await self.client.create(review)
+            return bool(answer.status and answer.status.allowed)
+
+        results = await asyncio.gather(*(allowed(g, r, v) for (g, r), v in wanted))
+        denied = [
+            f"{verb} {resource}.{group}"
+            for ((group, resource), verb), ok in zip(wanted, results, strict=True)
+            if not ok
+        ]
+        if denied:
+            raise ClusterError(
+                f"the cluster credentials may not {', '.join(denied)} in "
+                f"namespace {self.namespace}; grant them (RBAC) to deployd."
+            )
+
+    async def _target(self, dep: Deployment, workload: Workload) -> Target:
+        obj = await self.get(workload)
+        pod = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+        repo = repository(dep.image)
+
+        def chosen(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            if dep.containers:
+                return [c for c in items if c.get("name") in dep.containers]
+            return [c for c in items if repository(str(c.get("image", ""))) == repo]
+
+        containers = chosen(pod.get("containers") or [])
+        inits = chosen(pod.get("initContainers") or [])
+        if not containers and not inits:
+            seen = ", ".join(
+                f"{c.get('name')}={c.get('image')}"
+                for c in (pod.get("containers") or []) + (pod.get("initContainers") or [])
+            )
+            want = f"named {', '.join(dep.containers)}" if dep.containers else f"running {repo}"
+            raise ClusterError(
+                f"{workload} in namespace {self.namespace} has no container "
+                f"{want} (it runs {seen or 'nothing'}); set `containers` to the "
+                "names that should get the new image."
+            )
+        executor_env: dict[str, dict[str, str]] = {}
+        for c in containers:
+            env = {
+                e.get("name"): e.get("value")
+                for e in c.get("env") or []
+                if isinstance(e, dict) and "value" in e
+            }
+            for repo_var, tag_var in EXECUTOR_IMAGE_ENV:
+                if repo_var in env or tag_var in env:
+                    executor_env[c["name"]] = {
+                        repo_var: str(env.get(repo_var) or ""),
+                        tag_var: str(env.get(tag_var) or ""),
+                    }
+        template = ((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        saved = template.get("annotations") or {}
+        return Target(
+            workload=workload,
+            containers=[c["name"] for c in containers],
+            init_containers=[c["name"] for c in inits],
+            images={c["name"]: str(c.get("image")) for c in containers + inits},
+            executor_env=executor_env,
+            worker=workload in dep.worker_workloads,
+            generation=int((obj.get("metadata") or {}).get("generation") or 0),
+            annotations={k: saved.get(k) for k in (ANNOTATION_DEPLOY, ANNOTATION_COMMIT)},
+            grace=pod.get("terminationGracePeriodSeconds"),
+            env=executor_env,
+        )
+
+    # -- writing -------------------------------------------------------------
+
+    async def patch_image(
+        self,
+        target: Target,
+        image_for: Callable[[str], str],
+        annotations: dict[str, str | None],
+        grace: int | None,
+        env: dict[str, dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        """One strategic-merge patch: images, pod-template annotations, worker grace.
+
+        Containers that tell KubernetesExecutor the task pods' image get it in the
+        same patch: `env` (a rollback's saved values) or derived from the new image.
+        """
+        containers = []
+        for name in target.containers:
+            item: dict[str, Any] = {"name": name, "image": image_for(name)}
+            env_vars = target.executor_env.get(name)
+            if env_vars:
+                ref = image_for(name)
+                repo = repository(ref)
+                values = (env or {}).get(name) or {
+                    var: repo if var.endswith("REPOSITORY") else ref[len(repo) + 1 :]
+                    for var in env_vars
+                }
+                item["env"] = [{"name": var, "value": values[var]} for var in env_vars]
+            containers.append(item)
+        spec: dict[str, Any] = {}
+        if containers:
+            spec["containers"] = containers
+        if target.init_containers:
+            spec["initContainers"] = [
+                {"name": n, "image": image_for(n)} for n in target.init_containers
+            ]
+        if grace is not None:
+            spec["terminationGracePeriodSeconds"] = grace
+        body = {"spec": {"template": {"metadata": {"annotations": annotations}, "spec": spec}}}
+        async with _translated(f"patching {target.workload}"):
+            obj = await self.client.patch(
+                KINDS[target.workload.kind],
+                target.workload.name,
+                body,
+                namespace=self.namespace,
+                patch_type=PatchType.STRATEGIC,
+            )
+        return dict(obj.to_dict())
+
+    async def restore(self, target: Target) -> None:
+        """Put the workload's pod template back as preflight saw it."""
+        await self.patch_image(
+            target,
+            lambda name: target.images[name],
+            target.annotations,
+            target.grace if target.worker else None,
+            target.env,
+        )
+
+    # -- waiting -------------------------------------------------------------
+
+    async def wait(
+        self, workload: Workload, deadline: float, progress: Callable[[str], None]
+    ) -> rollout.Verdict:
+        """Follow a workload through watches until kubectl would call it done or failed.
+
+        Returns the last verdict (not done if the deadline passed). A dropped or
+        expired watch is picked up again from a fresh read.
+        """
+        last = ""
+        verdict = rollout.Verdict(False, "not read yet")
+        while time.monotonic() < deadline:
+            obj = await self.get(workload)
+            verdict = rollout.verdict(workload.kind, obj)
+            if verdict.message != last:
+                progress(verdict.message)
+                last = verdict.message
+            if verdict.done or verdict.failed:
+                return verdict
+            rv = (obj.get("metadata") or {}).get("resourceVersion")
+            try:
+                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                    async for _, item in self.client.watch(
+                        KINDS[workload.kind],
+                        namespace=self.namespace,
+                        fields={"metadata.name": workload.name},
+                        resource_version=rv,
+                        server_timeout=60,
+                    ):
+                        verdict = rollout.verdict(workload.kind, dict(item.to_dict()))
+                        if verdict.message != last:
+                            progress(verdict.message)
+                            last = verdict.message
+                        if verdict.done or verdict.failed:
+                            return verdict
+            except TimeoutError:
+                break
+            except (ApiError, httpx2.HTTPError):
+                await asyncio.sleep(0.5)  # watch dropped or expired: read again
+        return verdict
+
+
+@contextlib.asynccontextmanager
+async def _translated(doing: str):  # type: ignore[no-untyped-def]
+    try:
+        yield
+    except ApiError as exc:
+        message = exc.status.message if exc.status is not None else str(exc)
+        raise ClusterError(f"Kubernetes refused {doing}: {message}") from exc
+    except httpx2.HTTPError as exc:
+        raise DependencyUnreachable(
+            f"cannot reach the Kubernetes API while {doing}: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -1,0 +1,293 @@
+"""The Kubernetes rollout against the API simulator, held honest by the real kubectl."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon import rollout
+from tests.conftest import Deployd, Infra
+from tests.kubesim import KubeSim
+from tests.projects import make_project
+
+pytestmark = pytest.mark.integration
+
+SCENARIO = "kubesim.deployd.dev/scenario"
+EXECUTOR = "AIRFLOW__KUBERNETES_EXECUTOR__WORKER_CONTAINER_"
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[KubeSim]:
+    s = KubeSim(tmp_path / "kubesim").start()
+    yield s
+    s.stop()
+
+
+def kubectl(sim: KubeSim, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        ["kubectl", "--kubeconfig", str(sim.kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check:
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    return proc
+
+
+def create(sim: KubeSim, tmp_path: Path, obj: dict[str, Any]) -> None:
+    path = tmp_path / f"{obj['metadata']['name']}.json"
+    path.write_text(json.dumps(obj))
+    kubectl(sim, "create", "-f", str(path), "--validate=false")
+
+
+def scheduler(
+    image: str, *, replicas: int = 2, scenario: str = "instant", deadline: int = 600
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "airflow-scheduler",
+            "namespace": "airflow",
+            "annotations": {SCENARIO: scenario},
+        },
+        "spec": {
+            "replicas": replicas,
+            "progressDeadlineSeconds": deadline,
+            "selector": {"matchLabels": {"component": "scheduler"}},
+            "template": {
+                "metadata": {"labels": {"component": "scheduler"}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "scheduler",
+                            "image": image,
+                            "env": [
+                                {
+                                    "name": f"{EXECUTOR}REPOSITORY",
+                                    "value": image.rsplit(":", 1)[0],
+                                },
+                                {
+                                    "name": f"{EXECUTOR}TAG",
+                                    "value": image.rsplit(":", 1)[1],
+                                },
+                            ],
+                        },
+                        {"name": "log-groomer", "image": "busybox:1.36"},
+                    ]
+                },
+            },
+        },
+    }
+
+
+def worker(image: str, *, replicas: int = 2) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": "airflow-worker", "namespace": "airflow"},
+        "spec": {
+            "replicas": replicas,
+            "serviceName": "airflow-worker",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "selector": {"matchLabels": {"component": "worker"}},
+            "template": {
+                "metadata": {"labels": {"component": "worker"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 600,
+                    "containers": [{"name": "worker", "image": image}],
+                },
+            },
+        },
+    }
+
+
+def wait_rolled(sim: KubeSim, *workloads: str) -> None:
+    for w in workloads:
+        kubectl(sim, "rollout", "status", w, "--timeout=60s")
+
+
+def deployd_for(
+    tmp_path: Path, testenv: Infra, sim: KubeSim, name: str, **extra: object
+) -> tuple[Deployd, str]:
+    from tests.conftest import write_config
+
+    image = f"{testenv.registry}/airflow/kube-{name}"
+    state = tmp_path / "state"
+    dep = {
+        "name": name,
+        "image": image,
+        "namespace": "airflow",
+        "workloads": ["deployment/airflow-scheduler", "statefulset/airflow-worker"],
+        "worker_workloads": ["statefulset/airflow-worker"],
+        "worker_grace_seconds": 3600,
+        "rollout_timeout_seconds": 30,
+        **extra,
+    }
+    config = write_config(tmp_path / "deployd.toml", testenv, state, deployments=[dep])
+    config.write_text(config.read_text() + f'\n[kubernetes]\nkubeconfig = "{sim.kubeconfig}"\n')
+    return Deployd(config, state), image
+
+
+def deploy(
+    d: Deployd, project: Path, name: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    proc = d.run("deploy", name, str(project), "--json", timeout=300)
+    rows = json.loads(d.run("deploys", "--json").stdout)
+    return proc, rows[0]
+
+
+def pod_template(sim: KubeSim, workload: str) -> dict[str, Any]:
+    obj = json.loads(kubectl(sim, "get", workload, "-o", "json").stdout)
+    return dict(obj["spec"]["template"])
+
+
+def test_a_deploy_rolls_every_workload(tmp_path: Path, testenv: Infra, sim: KubeSim) -> None:
+    d, image = deployd_for(tmp_path, testenv, sim, "rolls")
+    create(sim, tmp_path, scheduler(f"{image}:before"))
+    create(sim, tmp_path, worker(f"{image}:before"))
+    wait_rolled(sim, "deployment/airflow-scheduler", "statefulset/airflow-worker")
+    project = make_project(tmp_path / "p", testenv.airflow_image)
+    proc, rec = deploy(d, project, "rolls")
+    assert proc.returncode == 0, proc.stderr
+    assert rec["state"] == "succeeded"
+    ref = f"{image}:{rec['tag']}@{rec['digest']}"
+    sched = pod_template(sim, "deployment/airflow-scheduler")
+    images = {c["name"]: c["image"] for c in sched["spec"]["containers"]}
+    assert images == {"scheduler": ref, "log-groomer": "busybox:1.36"}  # the sidecar is left alone
+    env = {e["name"]: e["value"] for e in sched["spec"]["containers"][0]["env"]}
+    assert env["AIRFLOW__KUBERNETES_EXECUTOR__WORKER_CONTAINER_REPOSITORY"] == image
+    assert (
+        env["AIRFLOW__KUBERNETES_EXECUTOR__WORKER_CONTAINER_TAG"] == f"{rec['tag']}@{rec['digest']}"
+    )
+    assert sched["metadata"]["annotations"]["deployd.dev/deploy-id"] == str(rec["id"])
+    assert sched["metadata"]["annotations"]["deployd.dev/commit"] == rec["commit"]
+    work = pod_template(sim, "statefulset/airflow-worker")
+    assert work["spec"]["containers"][0]["image"] == ref
+    assert work["spec"]["terminationGracePeriodSeconds"] == 3600
+    # kubectl agrees the rollout is complete, and the pods run the new image.
+    wait_rolled(sim, "deployment/airflow-scheduler", "statefulset/airflow-worker")
+    pods = json.loads(kubectl(sim, "get", "pods", "-o", "json").stdout)["items"]
+    running = {
+        c["image"]
+        for p in pods
+        if not p["metadata"].get("deletionTimestamp")
+        for c in p["status"].get("containerStatuses", [])
+        if c["name"] != "log-groomer"
+    }
+    assert running == {ref}
+    assert "statefulset/airflow-worker: " in proc.stderr  # progress went to the log
+    steps = {s["name"]: s["state"] for s in rec["steps"]}
+    assert steps["preflight"] == steps["roll"] == "succeeded"
+
+
+def test_a_failed_rollout_is_rolled_back(tmp_path: Path, testenv: Infra, sim: KubeSim) -> None:
+    d, image = deployd_for(tmp_path, testenv, sim, "rollback")
+    create(sim, tmp_path, scheduler(f"{image}:before", scenario="never-ready", deadline=3))
+    create(sim, tmp_path, worker(f"{image}:before"))
+    wait_rolled(sim, "deployment/airflow-scheduler", "statefulset/airflow-worker")
+    before = pod_template(sim, "deployment/airflow-scheduler")
+    project = make_project(tmp_path / "p", testenv.airflow_image)
+    proc, rec = deploy(d, project, "rollback")
+    assert proc.returncode == 3, proc.stderr
+    assert rec["state"] == "rolled_back" and rec["step"] == "roll"
+    assert (
+        'deployment/airflow-scheduler: deployment "airflow-scheduler" exceeded its '
+        "progress deadline" in rec["error"]
+    )
+    # Every workload it patched runs what it ran before, and kubectl says it is rolled out.
+    after = pod_template(sim, "deployment/airflow-scheduler")
+    assert after["spec"]["containers"] == before["spec"]["containers"]
+    assert after["metadata"].get("annotations") == before["metadata"].get("annotations")
+    assert (
+        pod_template(sim, "statefulset/airflow-worker")["spec"]["containers"][0]["image"]
+        == f"{image}:before"
+    )
+    wait_rolled(sim, "deployment/airflow-scheduler", "statefulset/airflow-worker")
+    history = kubectl(sim, "rollout", "history", "deployment/airflow-scheduler").stdout
+    assert [ln.split()[0] for ln in history.splitlines()[2:] if ln.strip()] == ["2", "3"]
+
+
+def test_preflight_names_what_is_missing_before_building(
+    tmp_path: Path, testenv: Infra, sim: KubeSim
+) -> None:
+    d, image = deployd_for(tmp_path, testenv, sim, "preflight")
+    create(sim, tmp_path, scheduler("quay.io/other/airflow:2.10"))
+    project = make_project(tmp_path / "p", testenv.airflow_image)
+    proc, rec = deploy(d, project, "preflight")
+    assert proc.returncode == 4
+    assert rec["state"] == "failed" and rec["step"] == "preflight"
+    assert (
+        f"deployment/airflow-scheduler in namespace airflow has no container running {image}"
+        in rec["error"]
+        and "scheduler=quay.io/other/airflow:2.10" in rec["error"]
+    )
+    assert {s["name"]: s["state"] for s in rec["steps"]}["build"] == "pending"
+    create(sim, tmp_path, worker(f"{image}:x"))
+    d2, _ = deployd_for(tmp_path, testenv, sim, "preflight", containers=["scheduler", "worker"])
+    proc, rec = deploy(d2, project, "preflight")
+    assert proc.returncode == 0, proc.stderr  # named containers: the foreign image is replaced
+
+
+def test_read_only_credentials_are_refused_naming_the_verb(tmp_path: Path, testenv: Infra) -> None:
+    sim = KubeSim(
+        tmp_path / "kubesim", tls=True, token="admin-t0ken", read_token="read-t0ken"
+    ).start()
+    try:
+        d, image = deployd_for(tmp_path, testenv, sim, "rbac")
+        create(sim, tmp_path, scheduler(f"{image}:before"))
+        create(sim, tmp_path, worker(f"{image}:before"))
+        sim.write_kubeconfig(sim.kubeconfig, "read-t0ken")
+        assert (
+            kubectl(sim, "auth", "can-i", "patch", "deployments", check=False).stdout.strip()
+            == "no"
+        )
+        proc, rec = deploy(d, make_project(tmp_path / "p", testenv.airflow_image), "rbac")
+        assert proc.returncode == 4
+        assert (
+            "may not patch deployments.apps, patch statefulsets.apps in namespace airflow"
+            in rec["error"]
+        )
+    finally:
+        sim.stop()
+
+
+@pytest.mark.parametrize("scenario", ["instant", "slow", "never-ready", "image-pull-error"])
+def test_deployds_verdict_is_kubectls(tmp_path: Path, sim: KubeSim, scenario: str) -> None:
+    """On the same object, deployd's rules and `kubectl rollout status` say the same thing."""
+    create(sim, tmp_path, scheduler("r.example/a/s:1", replicas=3, scenario=scenario, deadline=2))
+    create(sim, tmp_path, worker("r.example/a/s:1", replicas=3))
+    time.sleep(0.2)
+    kubectl(sim, "set", "image", "deployment/airflow-scheduler", "scheduler=r.example/a/s:2")
+    kubectl(sim, "set", "image", "statefulset/airflow-worker", "worker=r.example/a/s:2")
+    seen = set()
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        for kind, workload in (
+            ("deployment", "deployment/airflow-scheduler"),
+            ("statefulset", "statefulset/airflow-worker"),
+        ):
+            obj = json.loads(kubectl(sim, "get", workload, "-o", "json").stdout)
+            theirs = kubectl(sim, "rollout", "status", workload, "--watch=false", check=False)
+            # The object kubectl judged is at least as new; judge the same one again.
+            again = json.loads(kubectl(sim, "get", workload, "-o", "json").stdout)
+            if again["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
+                continue
+            ours = rollout.verdict(kind, obj)
+            said = (theirs.stdout + theirs.stderr).strip()
+            assert (theirs.returncode != 0) == ours.failed, (said, ours)
+            assert ours.message in said, (said, ours)
+            seen.add((kind, ours.done, ours.failed))
+        time.sleep(0.1)
+    if scenario in ("instant", "slow"):
+        assert ("deployment", True, False) in seen
+    else:
+        assert ("deployment", False, True) in seen  # exceeded its progress deadline
