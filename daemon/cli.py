@@ -22,11 +22,12 @@ from typing import Any, TypeVar
 import click
 
 from daemon import config as config_mod
-from daemon import deploys, git, names, views
+from daemon import deploys, git, names, rollbacks, views
 from daemon.context import DeployRequest, Services
 from daemon.deploys import Options
 from daemon.errors import DeploydError, UsageError
 from daemon.images import Images
+from daemon.kube import Cluster
 from daemon.locks import DeploymentLock
 from daemon.pipeline import DeployOutcome, Pipeline
 from daemon.records import Records
@@ -158,13 +159,7 @@ def deploy(
     except KeyboardInterrupt:
         click.echo("deployd: cancelled; the deploy is recorded as cancelled.", err=True)
         sys.exit(1)
-    rec = outcome.record
-    if as_json:
-        click.echo(json.dumps(rec, indent=2))
-    elif rec["state"] == deploys.SUCCEEDED:
-        click.echo(f"deploy #{rec['id']} succeeded: {rec['image']}:{rec['tag']}@{rec['digest']}")
-    else:
-        click.echo(f"deploy #{rec['id']} {rec['state']}: {rec['error']}")
+    _print_outcome(outcome.record, as_json)
     sys.exit(outcome.exit_code)
 
 
@@ -229,6 +224,95 @@ def logs(
         if rec["state"] in (deploys.QUEUED, deploys.RUNNING):
             _recover_if_idle(settings, records, rec["deployment"])
         time.sleep(0.2)
+
+
+@main.command()
+@_config_option
+@click.argument("deployment")
+@click.argument("deploy_id", required=False)
+@click.option("--force", is_flag=True, help="Roll back across a change of Airflow version.")
+@click.option("--json", "as_json", is_flag=True, help="Print the deploy record as JSON.")
+@click.pass_context
+@_errors
+def rollback(
+    ctx: click.Context,
+    config_path: str | None,
+    deployment: str,
+    deploy_id: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Run an earlier successful deploy's image again (default: the one before)."""
+    settings = _settings(ctx, config_path)
+    dep = settings.deployment(deployment)
+    records = _records(settings)
+    rec = rollbacks.target(records, dep, names.deploy_id(deploy_id) if deploy_id else None)
+    rollbacks.check_versions(records, dep, rec, force)
+    request = rollbacks.request(settings, dep, rec, trigger="cli", actor=_actor(), force=force)
+    services = Services(settings, records, Images(settings.docker.host, settings.registry))
+    try:
+        outcome = asyncio.run(_until_signalled(Pipeline(services), request))
+    except KeyboardInterrupt:
+        click.echo("deployd: cancelled; the rollback is recorded as cancelled.", err=True)
+        sys.exit(1)
+    _print_outcome(outcome.record, as_json)
+    sys.exit(outcome.exit_code)
+
+
+@main.command()
+@_config_option
+@click.argument("deployment")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_context
+@_errors
+def status(ctx: click.Context, config_path: str | None, deployment: str, as_json: bool) -> None:
+    """What is deployed, what is under way, and what the cluster really runs."""
+    settings = _settings(ctx, config_path)
+    dep = settings.deployment(deployment)
+    records = _records(settings)
+    last, in_flight = records.last_succeeded(dep.name), records.in_flight(dep.name)
+    cluster: list[dict[str, Any]] | str = []
+    if dep.workloads:
+        try:
+            cluster = asyncio.run(_cluster_status(settings, dep))
+        except DeploydError as exc:
+            cluster = f"unreachable: {exc.message}"
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "deployment": dep.name,
+                    "deployed": last,
+                    "in_flight": in_flight,
+                    "cluster": cluster,
+                },
+                indent=2,
+            )
+        )
+    else:
+        for line in views.status_lines(dep.name, last, in_flight, cluster):
+            click.echo(line)
+    if isinstance(cluster, str):
+        sys.exit(4)
+
+
+async def _cluster_status(
+    settings: config_mod.Settings, dep: config_mod.Deployment
+) -> list[dict[str, Any]]:
+    cluster = Cluster(settings.kubernetes, dep.namespace)
+    try:
+        return await cluster.running(dep)
+    finally:
+        await cluster.close()
+
+
+def _print_outcome(rec: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rec, indent=2))
+    elif rec["state"] == deploys.SUCCEEDED:
+        click.echo(f"deploy #{rec['id']} succeeded: {rec['image']}:{rec['tag']}@{rec['digest']}")
+    else:
+        click.echo(f"deploy #{rec['id']} {rec['state']}: {rec['error']}")
 
 
 async def _until_signalled(pipeline: Pipeline, request: DeployRequest) -> DeployOutcome:

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from daemon.config import Deployment, Settings
 from daemon.deploys import Options
@@ -36,6 +37,8 @@ class DeployRequest:
     hold_lock: asyncio.Future[None] | None = None
     # Fetch the commit from the deployment's fetch_url first (webhook deploys).
     fetch: bool = False
+    # A rollback: the successful deploy whose image runs again (nothing is built).
+    rollback_to: dict[str, Any] | None = None
 
 
 @dataclass

@@ -64,10 +64,22 @@ class PlannedStep:
         return not self.skip_reason
 
 
-def plan(deployment: Deployment, options: Options) -> tuple[PlannedStep, ...]:
+def plan(
+    deployment: Deployment, options: Options, rollback_to: int | None = None
+) -> tuple[PlannedStep, ...]:
     """Decide which steps a deploy runs; the order is STEPS."""
     wants_pytest = options.pytest or deployment.pytest
     no_workloads = "" if deployment.workloads else "skipped: no workloads"
+    if rollback_to is not None:
+        reused = f"skipped: rollback to the image of deploy #{rollback_to}"
+        return (
+            PlannedStep("preflight", no_workloads),
+            *(
+                PlannedStep(name, reused)
+                for name in ("checkout", "build", "parse", "pytest", "push")
+            ),
+            PlannedStep("roll", no_workloads),
+        )
     return (
         PlannedStep("preflight", no_workloads),
         PlannedStep("checkout"),

@@ -22,6 +22,7 @@ from lightkube.models.authorization_v1 import ResourceAttributes, SelfSubjectAcc
 from lightkube.resources.apps_v1 import Deployment as K8sDeployment
 from lightkube.resources.apps_v1 import StatefulSet as K8sStatefulSet
 from lightkube.resources.authorization_v1 import SelfSubjectAccessReview
+from lightkube.resources.core_v1 import Pod
 from lightkube.types import PatchType
 
 from daemon import rollout
@@ -192,6 +193,42 @@ class Cluster:
             grace=pod.get("terminationGracePeriodSeconds"),
             env=executor_env,
         )
+
+    async def running(self, dep: Deployment) -> list[dict[str, Any]]:
+        """What each workload runs, as the cluster says: template, rollout and pods."""
+        out: list[dict[str, Any]] = []
+        for workload in dep.workloads:
+            try:
+                obj = await self.get(workload)
+            except ClusterError as exc:
+                out.append({"workload": str(workload), "error": exc.message})
+                continue
+            template = (obj.get("spec") or {}).get("template") or {}
+            annotations = (template.get("metadata") or {}).get("annotations") or {}
+            containers = (template.get("spec") or {}).get("containers") or []
+            selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+            async with _translated(f"listing the pods of {workload}"):
+                pods = [
+                    p.to_dict()
+                    async for p in self.client.list(Pod, namespace=self.namespace, labels=selector)
+                ]
+            images: dict[str, int] = {}
+            for pod in pods:
+                if (pod.get("metadata") or {}).get("deletionTimestamp"):
+                    continue
+                for c in (pod.get("status") or {}).get("containerStatuses") or []:
+                    key = c.get("imageID") or c.get("image") or "?"
+                    images[key] = images.get(key, 0) + 1
+            out.append(
+                {
+                    "workload": str(workload),
+                    "deploy_id": annotations.get(ANNOTATION_DEPLOY),
+                    "images": {c.get("name"): c.get("image") for c in containers},
+                    "rollout": rollout.verdict(workload.kind, obj).message,
+                    "pods_running": images,
+                }
+            )
+        return out
 
     # -- writing -------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -69,6 +70,7 @@ def queued_fields(request: DeployRequest) -> dict[str, Any]:
         "pid": os.getpid(),
         "commit": request.commit,
         "description": request.options.description or request.subject,
+        "rollback_of": request.rollback_to["id"] if request.rollback_to else None,
     }
 
 
@@ -196,7 +198,8 @@ class Pipeline:
             ctx.request.trigger,
             ctx.request.actor,
         )
-        plan = deploys.plan(dep, ctx.request.options)
+        target = ctx.request.rollback_to
+        plan = deploys.plan(dep, ctx.request.options, target["id"] if target else None)
         records.plan_steps(ctx.id, [(s.name, s.skip_reason) for s in plan])
         if not records.transition(ctx.id, deploys.QUEUED, deploys.RUNNING, pid=os.getpid()):
             record = self._record(ctx)
@@ -242,7 +245,7 @@ class Pipeline:
             f"-----> deployed {dep.image}:{ctx.tag} ({ctx.digest}) as deploy #{ctx.id} "
             f"in {elapsed:.1f} s"
         )
-        if ctx.request.trigger != "ssh":
+        if ctx.request.trigger != "ssh" and ctx.request.rollback_to is None:
             # A push updates the server branch itself (git, after the hook says yes).
             try:
                 await asyncio.to_thread(
@@ -287,6 +290,18 @@ class Pipeline:
         runs = {s.name for s in plan if s.runs}
         if "preflight" in runs:
             await self._step(ctx, "preflight")
+        target = ctx.request.rollback_to
+        if target is not None:
+            ctx.tag, ctx.digest = target["tag"], target["digest"]
+            self.services.records.update(
+                ctx.id,
+                image=target["image"],
+                tag=ctx.tag,
+                digest=ctx.digest,
+                report=json.dumps(target["report"]) if target["report"] else None,
+            )
+            await self._step(ctx, "roll")
+            return
         await self._step(ctx, "checkout")
         await self._step(ctx, "build")
         # The upload overlaps the checks; the deploy tag waits for them.

@@ -137,6 +137,8 @@ def parse_command(line: str | None) -> Command:
         return Command("status", args)
     if verb == "logs" and len(args) == 1:
         return Command("logs", (str(names.deploy_id(args[0])),))
-    if verb == "rollback":
-        raise Refused("rollback arrives with the Kubernetes rollout; it is not available yet.")
+    if verb == "rollback" and 1 <= len(args) <= 2:
+        names.deployment_name(args[0])
+        rest = (str(names.deploy_id(args[1])),) if len(args) == 2 else ()
+        return Command("rollback", (args[0], *rest))
     raise Refused(f"unknown command {verb[:40]!r}; see: ssh git@HOST help")

@@ -59,6 +59,7 @@ class Daemon:
         self.ssh = sshd.SSHState(settings, self.records, state_dir / "hook.sock")
         self.ssh.load_keys(settings)
         self.receiver = Receiver(self.ssh, self.pipeline)
+        self.ssh.pipeline = self.pipeline
         self.hooks = HookServer(state_dir / "hook.sock", self.receiver)
         self.webhooks = Webhooks(lambda: self.services.settings, self.records, self.pipeline)
         self.api = Api(lambda: self.services.settings, self.records)

@@ -21,9 +21,10 @@ from typing import Any
 
 import asyncssh
 
-from daemon import names, pushrules, repos, views
+from daemon import names, pushrules, repos, rollbacks, views
 from daemon.config import Deployment, Key, Settings
 from daemon.errors import DeploydError
+from daemon.kube import Cluster
 from daemon.records import Records
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class SSHState:
     hook_socket: Path
     sessions: dict[str, PushSession] = field(default_factory=dict)
     keys: dict[str, Key] = field(default_factory=dict)
+    # Runs rollbacks asked for over SSH (set by `deployd serve`).
+    pipeline: Any = None
 
     def load_keys(self, settings: Settings) -> None:
         """Index the configured public keys by their key blob."""
@@ -175,6 +178,11 @@ async def _handle(state: SSHState, process: asyncssh.SSHServerProcess[bytes]) ->
         command = pushrules.parse_command(process.command)
         if command.name.startswith("git-"):
             status = await _git(state, process, key, command)
+        elif command.name == "rollback":
+            status = await _rollback(state, process, key, command)
+        elif command.name == "status":
+            _out(process, await _status(state, key, command))
+            status = 0
         else:
             _out(process, _run_command(state, key, command))
             status = 0
@@ -219,9 +227,6 @@ def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[
             return views.deploy_table(records.list_deploys(dep, 50))
         allowed = [d.name for d in state.settings.deployments if may_use(key, d.name)]
         return views.deploy_table(records.list_deploys(allowed, 50))
-    if command.name == "status":
-        dep = _deployment(state, key, command.args[0]).name
-        return views.status_lines(dep, records.last_succeeded(dep), records.in_flight(dep))
     if command.name == "logs":
         rec = records.get(names.deploy_id(command.args[0]))
         if rec is None or not may_use(key, rec["deployment"]):
@@ -229,6 +234,47 @@ def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[
             raise Denied(f"there is no deploy #{command.args[0]} that key {key.name} may read.")
         return [row["line"] for row in records.log_lines(rec["id"])]
     raise pushrules.Refused("unknown command.")
+
+
+async def _status(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:
+    dep = _deployment(state, key, command.args[0])
+    records = state.records
+    cluster: list[dict[str, Any]] | str = []
+    if dep.workloads:
+        kube = None
+        try:
+            kube = Cluster(state.settings.kubernetes, dep.namespace)
+            cluster = await kube.running(dep)
+        except DeploydError as exc:
+            cluster = f"unreachable: {exc.message}"
+        finally:
+            if kube is not None:
+                await kube.close()
+    return views.status_lines(
+        dep.name, records.last_succeeded(dep.name), records.in_flight(dep.name), cluster
+    )
+
+
+async def _rollback(
+    state: SSHState, process: asyncssh.SSHServerProcess[bytes], key: Key, command: pushrules.Command
+) -> int:
+    dep = _deployment(state, key, command.args[0])
+    wanted = int(command.args[1]) if len(command.args) > 1 else None
+    rec = rollbacks.target(state.records, dep, wanted)
+    rollbacks.check_versions(state.records, dep, rec, force=False)
+    request = rollbacks.request(
+        state.settings, dep, rec, trigger="ssh", actor=key.name, force=False
+    )
+    outcome = await state.pipeline.run(request, sink=lambda line: _err(process, line))
+    final = outcome.record
+    _out(
+        process,
+        [
+            f"deploy #{final['id']} {final['state']}: "
+            f"{final['error'] or final['image'] + ':' + final['tag']}"
+        ],
+    )
+    return int(outcome.exit_code)
 
 
 async def _git(

@@ -34,15 +34,19 @@ def deploy_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def status_lines(
-    deployment: str, last: dict[str, Any] | None, in_flight: list[dict[str, Any]]
+    deployment: str,
+    last: dict[str, Any] | None,
+    in_flight: list[dict[str, Any]],
+    cluster: list[dict[str, Any]] | str | None = None,
 ) -> list[str]:
-    """What is deployed and what is under way (the cluster view arrives with the rollout)."""
+    """What is deployed, what is under way, and (if read) what the cluster runs."""
     out = [f"deployment {deployment}"]
     if last is None:
         out.append("  deployed: nothing yet")
     else:
+        what = f" (rollback to #{last['rollback_of']})" if last.get("rollback_of") else ""
         out.append(
-            f"  deployed: deploy #{last['id']} of {(last['commit'] or '')[:12]} at "
+            f"  deployed: deploy #{last['id']}{what} of {(last['commit'] or '')[:12]} at "
             f"{when(last['finished_at'])} UTC"
         )
         out.append(f"  image:    {last['image']}:{last['tag']}@{last['digest']}")
@@ -51,7 +55,22 @@ def status_lines(
             f"  {rec['state']}: deploy #{rec['id']} of {(rec['commit'] or '')[:12]} "
             f"by {rec['actor']}"
         )
-    out.append("  workloads: not rolled by this version of deployd (no Kubernetes yet)")
+    if cluster is None:
+        out.append("  cluster:  not read over SSH (use `deployd status` on the build host)")
+    elif isinstance(cluster, str):
+        out.append(f"  cluster:  {cluster}")
+    elif not cluster:
+        out.append("  cluster:  no workloads configured")
+    for w in cluster if isinstance(cluster, list) else []:
+        if "error" in w:
+            out.append(f"  {w['workload']}: {w['error']}")
+            continue
+        by = f"deploy #{w['deploy_id']}" if w["deploy_id"] else "not deployed by deployd"
+        out.append(f"  {w['workload']}: {by}; {w['rollout']}")
+        for name, image in sorted(w["images"].items()):
+            out.append(f"      {name}: {image}")
+        for image, count in sorted(w["pods_running"].items()):
+            out.append(f"      running: {count} x {image}")
     return out
 
 
@@ -67,7 +86,8 @@ def help_lines(port: str) -> list[str]:
         "  git push -o description=TEXT ...    record a description",
         "",
         f"  ssh -p {port} git@HOST deploys [DEPLOYMENT]   history, newest first",
-        f"  ssh -p {port} git@HOST status DEPLOYMENT      what is deployed",
+        f"  ssh -p {port} git@HOST status DEPLOYMENT      what is deployed and running",
+        f"  ssh -p {port} git@HOST rollback DEPLOYMENT [DEPLOY_ID]   run an earlier image again",
         f"  ssh -p {port} git@HOST logs DEPLOY_ID         the log of one deploy",
         f"  ssh -p {port} git@HOST help                   this text",
     ]

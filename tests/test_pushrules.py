@@ -60,6 +60,8 @@ def test_parse_updates_validates() -> None:
     ("deploys prod", Command("deploys", ("prod",))),
     ("status prod", Command("status", ("prod",))),
     ("logs 42", Command("logs", ("42",))),
+    ("rollback prod", Command("rollback", ("prod",))),
+    ("rollback prod 7", Command("rollback", ("prod", "7"))),
     ("help", Command("help")),
 ])
 def test_known_commands(line: str, command: Command) -> None:
@@ -70,7 +72,8 @@ def test_known_commands(line: str, command: Command) -> None:
     None, "", "sh", "git-receive-pack 'prod'; id", "git-upload-pack '--help'",
     "git-receive-pack '../../etc'", "git-receive-pack 'prod/../x'", "git-upload-pack 'prod",
     "git-upload-pack 'pr\0od'", "deploys a b", "logs -1", "logs 1 2", "status",
-    "rollback prod", "x" * 5000, "git upload-pack 'prod'",
+    "rollback", "rollback prod x", "rollback prod 1 2", "rollback ../x",
+    "x" * 5000, "git upload-pack 'prod'",
 ])
 def test_everything_else_is_refused(line: str | None) -> None:
     with pytest.raises(Exception) as info:

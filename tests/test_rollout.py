@@ -291,3 +291,44 @@ def test_deployds_verdict_is_kubectls(tmp_path: Path, sim: KubeSim, scenario: st
         assert ("deployment", True, False) in seen
     else:
         assert ("deployment", False, True) in seen  # exceeded its progress deadline
+
+
+def test_status_and_rollback(tmp_path: Path, testenv: Infra, sim: KubeSim) -> None:
+    d, image = deployd_for(tmp_path, testenv, sim, "back")
+    create(sim, tmp_path, scheduler(f"{image}:before"))
+    create(sim, tmp_path, worker(f"{image}:before"))
+    nothing = d.run("rollback", "back")
+    assert nothing.returncode == 2 and "no earlier successful deploy" in nothing.stderr
+    project = make_project(tmp_path / "p", testenv.airflow_image,
+                           dockerfile=f"FROM {testenv.airflow2_image}\n")
+    first = deploy(d, project, "back")[1]
+    (project / "Dockerfile").write_text(f"FROM {testenv.airflow_image}\n")
+    from tests.projects import commit_all
+    commit_all(project, "Airflow 3")
+    second = deploy(d, project, "back")[1]
+    assert (first["state"], second["state"]) == ("succeeded", "succeeded")
+    status = d.run("status", "back")
+    assert status.returncode == 0, status.stderr
+    ref2 = f"{image}:{second['tag']}@{second['digest']}"
+    assert f"deployment/airflow-scheduler: deploy #{second['id']}; deployment " \
+           '"airflow-scheduler" successfully rolled out' in status.stdout
+    assert f"running: 2 x {image}@{second['digest']}" in status.stdout, status.stdout  # imageID
+    # Back to Airflow 2.10 from 3.3: the database was migrated, so only with --force.
+    refused = d.run("rollback", "back")
+    assert refused.returncode == 2 and "runs Airflow 2.10.5, the deployment runs 3.3.2" in \
+        refused.stderr
+    back = d.run("rollback", "back", "--force", "--json")
+    assert back.returncode == 0, back.stderr
+    rec = json.loads(back.stdout)
+    assert rec["rollback_of"] == first["id"] and rec["digest"] == first["digest"]
+    assert {s["name"]: s["state"] for s in rec["steps"]}["build"] == "skipped"
+    assert pod_template(sim, "deployment/airflow-scheduler")["spec"]["containers"][0][
+        "image"] == f"{image}:{first['tag']}@{first['digest']}"
+    assert f"deploy #{rec['id']} (rollback to #{first['id']})" in d.run("status", "back").stdout
+    # Forward again to a chosen deploy: a newer Airflow needs no --force.
+    again = d.run("rollback", "back", str(second["id"]))
+    assert again.returncode == 0, again.stderr
+    assert pod_template(sim, "deployment/airflow-scheduler")["spec"]["containers"][0][
+        "image"] == ref2
+    bad = d.run("rollback", "back", "999")
+    assert bad.returncode == 2 and "there is no deploy #999 of back" in bad.stderr

@@ -215,7 +215,8 @@ REFUSED = [
     "git-upload-pack 'prod",
     "git-upload-pack 'pro\nd'",
     "deploys prod; id",
-    "rollback prod",
+    "rollback prod; id",
+    "rollback prod 1 2",
     "x" * 100_000,
 ]
 

@@ -78,8 +78,11 @@ def _owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
 
 
 def _image_id(image: str) -> str:
+    """What the kubelet reports: `repository@sha256:digest` (never the tag)."""
     if "@sha256:" in image:
-        return image
+        name, digest = image.split("@", 1)
+        last = name.rsplit("/", 1)[-1]
+        return f"{name.rsplit(':', 1)[0] if ':' in last else name}@{digest}"
     return f"{image.split(':')[0]}@sha256:{hashlib.sha256(image.encode()).hexdigest()}"
 
 
