@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 from lightkube import ApiError, AsyncClient
@@ -22,6 +23,7 @@ from lightkube.models.authorization_v1 import ResourceAttributes, SelfSubjectAcc
 from lightkube.resources.apps_v1 import Deployment as K8sDeployment
 from lightkube.resources.apps_v1 import StatefulSet as K8sStatefulSet
 from lightkube.resources.authorization_v1 import SelfSubjectAccessReview
+from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Pod
 from lightkube.types import PatchType
 
@@ -111,13 +113,14 @@ class Cluster:
         return list(targets)
 
     async def _may(self, dep: Deployment) -> None:
+        # The workloads, and the Job that migrates the database on an Airflow upgrade.
         wanted = sorted(
             {
                 (GROUP_RESOURCE[w.kind], verb)
                 for w in dep.workloads
                 for verb in ("get", "patch", "watch")
             }
-        )
+        ) + [(("batch", "jobs"), verb) for verb in ("create", "get", "watch")]
 
         async def allowed(group: str, resource: str, verb: str) -> bool:
             review = SelfSubjectAccessReview(
@@ -229,6 +232,76 @@ class Cluster:
                 }
             )
         return out
+
+    # -- migrations ----------------------------------------------------------
+
+    def migration_job(
+        self, dep: Deployment, source: dict[str, Any], container: str, image: str, deploy_id: int
+    ) -> dict[str, Any]:
+        """A Job running `airflow db migrate` with `image`, from a workload's pod template.
+
+        It keeps what the container needs to reach the database (env, envFrom,
+        volumes, service account, security context) and drops what would stop
+        it: init containers (the Helm chart's wait-for-migrations), probes, sidecars.
+        """
+        template = json.loads(json.dumps((source.get("spec") or {}).get("template") or {}))
+        pod = template.get("spec") or {}
+        main = next(c for c in pod.get("containers") or [] if c.get("name") == container)
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe", "lifecycle"):
+            main.pop(probe, None)
+        main.update(image=image, command=["airflow", "db", "migrate"])
+        main.pop("args", None)
+        pod.update(containers=[main], restartPolicy="Never")
+        pod.pop("initContainers", None)
+        meta = template.setdefault("metadata", {})
+        labels = {"deployd.dev/deploy-id": str(deploy_id), "deployd.dev/job": "migrate"}
+        meta["labels"] = labels
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "name": f"{dep.name}-migrate-{deploy_id}"[:63],
+                "labels": labels,
+                "namespace": self.namespace,
+            },
+            "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 86400, "template": template},
+        }
+
+    async def run_job(
+        self, job: dict[str, Any], deadline: float, progress: Callable[[str], None]
+    ) -> str:
+        """Create the Job and wait for it; '' when it completed, else why not."""
+        name = job["metadata"]["name"]
+        async with _translated(f"creating job {name}"):
+            await self.client.create(cast(Job, Job.from_dict(job)))
+        progress(f"job/{name} created")
+        while time.monotonic() < deadline:
+            async with _translated(f"reading job {name}"):
+                obj = (await self.client.get(Job, name, namespace=self.namespace)).to_dict()
+            for cond in (obj.get("status") or {}).get("conditions") or []:
+                if cond.get("status") != "True":
+                    continue
+                if cond.get("type") == "Complete":
+                    progress(f"job/{name} complete")
+                    return ""
+                if cond.get("type") == "Failed":
+                    return f"job/{name} failed: {cond.get('message') or cond.get('reason')}"
+            rv = (obj.get("metadata") or {}).get("resourceVersion")
+            try:
+                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                    async for _, _item in self.client.watch(
+                        Job,
+                        namespace=self.namespace,
+                        fields={"metadata.name": name},
+                        resource_version=rv,
+                        server_timeout=60,
+                    ):
+                        break  # something changed: read it again above
+            except TimeoutError:
+                break
+            except (ApiError, httpx2.HTTPError):
+                await asyncio.sleep(0.5)
+        return f"job/{name} did not finish in time"
 
     # -- writing -------------------------------------------------------------
 

@@ -66,6 +66,13 @@ def scheduler(
             "template": {
                 "metadata": {"labels": {"component": "scheduler"}},
                 "spec": {
+                    "initContainers": [
+                        {
+                            "name": "wait-for-airflow-migrations",
+                            "image": image,
+                            "args": ["airflow", "db", "check-migrations"],
+                        }
+                    ],
                     "containers": [
                         {
                             "name": "scheduler",
@@ -253,7 +260,8 @@ def test_read_only_credentials_are_refused_naming_the_verb(tmp_path: Path, teste
         proc, rec = deploy(d, make_project(tmp_path / "p", testenv.airflow_image), "rbac")
         assert proc.returncode == 4
         assert (
-            "may not patch deployments.apps, patch statefulsets.apps in namespace airflow"
+            "may not patch deployments.apps, patch statefulsets.apps, create jobs.batch in "
+            "namespace airflow"
             in rec["error"]
         )
     finally:
@@ -332,3 +340,44 @@ def test_status_and_rollback(tmp_path: Path, testenv: Infra, sim: KubeSim) -> No
         "image"] == ref2
     bad = d.run("rollback", "back", "999")
     assert bad.returncode == 2 and "there is no deploy #999 of back" in bad.stderr
+
+
+def test_an_airflow_upgrade_migrates_the_database_first(tmp_path: Path, testenv: Infra,
+                                                        sim: KubeSim) -> None:
+    d, image = deployd_for(tmp_path, testenv, sim, "upgrade")
+    create(sim, tmp_path, scheduler(f"{image}:before"))
+    create(sim, tmp_path, worker(f"{image}:before"))
+    project = make_project(tmp_path / "p", testenv.airflow_image,
+                           dockerfile=f"FROM {testenv.airflow2_image}\n")
+
+    def jobs() -> list[dict[str, Any]]:
+        return list(json.loads(kubectl(sim, "get", "jobs", "-o", "json").stdout)["items"])
+
+    first = deploy(d, project, "upgrade")[1]
+    assert first["state"] == "succeeded", first["error"]
+    [job] = jobs()  # the first deploy: the running version is unknown, so it migrates
+    pod = job["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["scheduler"]  # no sidecar
+    assert pod["containers"][0]["command"] == ["airflow", "db", "migrate"]
+    assert pod["containers"][0]["image"] == f"{image}:{first['tag']}@{first['digest']}"
+    assert "initContainers" not in pod and pod["restartPolicy"] == "Never"
+    env = {e["name"] for e in pod["containers"][0]["env"]}
+    assert f"{EXECUTOR}REPOSITORY" in env  # the scheduler's settings come along
+    from tests.projects import commit_all
+    (project / "README.md").write_text("same Airflow\n")
+    commit_all(project, "No upgrade")
+    assert deploy(d, project, "upgrade")[1]["state"] == "succeeded"
+    assert len(jobs()) == 1  # same version: no migration
+    # An upgrade whose migration fails changes no workload.
+    kubectl(sim, "patch", "deployment/airflow-scheduler", "--type=merge", "-p", json.dumps(
+        {"spec": {"template": {"metadata": {"annotations": {SCENARIO: "fail"}}}}}))
+    wait_rolled(sim, "deployment/airflow-scheduler")
+    before = pod_template(sim, "deployment/airflow-scheduler")
+    (project / "Dockerfile").write_text(f"FROM {testenv.airflow_image}\n")
+    commit_all(project, "Airflow 3")
+    proc, rec = deploy(d, project, "upgrade")
+    assert proc.returncode == 1 and rec["state"] == "failed" and rec["step"] == "roll"
+    assert "the database migration failed, so nothing was rolled: job/upgrade-migrate-3 " \
+           "failed: Job has reached the specified backoff limit" in rec["error"]
+    assert "Airflow 2.10.5 -> 3.3.2: airflow db migrate first" in proc.stderr
+    assert pod_template(sim, "deployment/airflow-scheduler") == before

@@ -44,6 +44,7 @@ async def run(ctx: DeployContext) -> str:
         ANNOTATION_DEPLOY: str(ctx.id),
         ANNOTATION_COMMIT: ctx.request.commit,
     }
+    await _migrate(ctx, ref)
     patched: list[Target] = []
 
     async def roll_one(t: Target) -> None:
@@ -71,6 +72,41 @@ async def run(ctx: DeployContext) -> str:
             f"either ({back}); check the cluster."
         )
     raise RolledBack(f"the rollout failed and was rolled back: {reason}")
+
+
+def _version(text: str | None) -> tuple[int, ...]:
+    return tuple(int(p) for p in (text or "").split(".")[:3] if p.isdecimal())
+
+
+async def _migrate(ctx: DeployContext, ref: str) -> None:
+    """On an Airflow upgrade (or the first deploy), `airflow db migrate` runs first as a Job.
+
+    The Helm chart's pods wait for the migrations; without them an upgrade
+    would never become ready. A failed migration stops the deploy before any
+    workload changed.
+    """
+    records, dep, cluster = ctx.services.records, ctx.deployment, ctx.cluster
+    assert cluster is not None
+    new = ((records.get(ctx.id) or {}).get("report") or {}).get("airflow_version")
+    last = records.last_succeeded(dep.name)
+    running = ((last or {}).get("report") or {}).get("airflow_version")
+    if not new or new == running:
+        return
+    if running and _version(new) < _version(running):
+        ctx.say(f"       Airflow {running} -> {new} (forced rollback): no migration", "roll")
+        return
+    source = next((t for t in ctx.targets if "scheduler" in t.workload.name), ctx.targets[0])
+    obj = await cluster.get(source.workload)
+    job = cluster.migration_job(dep, obj, source.containers[0], ref, ctx.id)
+    ctx.say(
+        f"-----> Airflow {running or '(first deploy)'} -> {new}: airflow db migrate first "
+        f"(job/{job['metadata']['name']}, from {source.workload})",
+        "roll",
+    )
+    deadline = time.monotonic() + dep.rollout_timeout_seconds
+    why = await cluster.run_job(job, deadline, lambda m: ctx.say(f"       {m}", "roll"))
+    if why:
+        raise DeploydError(f"the database migration failed, so nothing was rolled: {why}")
 
 
 async def _wait_all(ctx: DeployContext, targets: list[Target], what: str) -> str:

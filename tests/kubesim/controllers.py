@@ -602,7 +602,12 @@ class Controllers:
         if any(c.get("type") in ("Complete", "Failed") for c in status.get("conditions") or []):
             return
         pods = self._pods_of(job)
-        outcome = (job["metadata"].get("annotations") or {}).get(SCENARIO) or "succeed"
+        template_meta = ((job.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        outcome = (
+            (job["metadata"].get("annotations") or {}).get(SCENARIO)
+            or (template_meta.get("annotations") or {}).get(SCENARIO)
+            or "succeed"
+        )
         if not pods:
             template = (job.get("spec") or {}).get("template") or {}
             pod_name = f"{name}-{self.store.next_name():05d}"
