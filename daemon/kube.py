@@ -233,6 +233,18 @@ class Cluster:
             )
         return out
 
+    async def draining(self, workload: Workload) -> int:
+        """How many of the workload's pods are terminating (workers finishing their tasks)."""
+        obj = await self.get(workload)
+        selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        async with _translated(f"listing the pods of {workload}"):
+            pods = [
+                p async for p in self.client.list(Pod, namespace=self.namespace, labels=selector)
+            ]
+        return sum(
+            1 for p in pods if p.metadata is not None and p.metadata.deletionTimestamp is not None
+        )
+
     # -- migrations ----------------------------------------------------------
 
     def migration_job(

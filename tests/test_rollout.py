@@ -381,3 +381,25 @@ def test_an_airflow_upgrade_migrates_the_database_first(tmp_path: Path, testenv:
            "failed: Job has reached the specified backoff limit" in rec["error"]
     assert "Airflow 2.10.5 -> 3.3.2: airflow db migrate first" in proc.stderr
     assert pod_template(sim, "deployment/airflow-scheduler") == before
+
+
+def test_draining_worker_pods_are_reported_not_waited_for(tmp_path: Path, testenv: Infra,
+                                                          sim: KubeSim) -> None:
+    d, image = deployd_for(tmp_path, testenv, sim, "drain",
+                           workloads=["deployment/airflow-worker"],
+                           worker_workloads=["deployment/airflow-worker"])
+    celery = scheduler(f"{image}:before")
+    celery["metadata"]["name"] = "airflow-worker"
+    celery["metadata"]["annotations"]["kubesim.deployd.dev/drain-seconds"] = "60"
+    create(sim, tmp_path, celery)
+    wait_rolled(sim, "deployment/airflow-worker")
+    started = time.monotonic()
+    proc, rec = deploy(d, make_project(tmp_path / "p", testenv.airflow_image), "drain")
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < 50  # the 60 s drain was not waited for
+    assert "deployment/airflow-worker: 2 old pods still draining (up to 3600 s to finish their " \
+           "tasks); not waited for" in proc.stderr
+    roll = next(s for s in rec["steps"] if s["name"] == "roll")
+    assert roll["summary"].endswith("; 2 old worker pods draining")
+    assert pod_template(sim, "deployment/airflow-worker")["spec"][
+        "terminationGracePeriodSeconds"] == 3600

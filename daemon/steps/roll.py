@@ -61,7 +61,20 @@ async def run(ctx: DeployContext) -> str:
     else:
         reason = await _wait_all(ctx, targets, "roll")
     if not reason:
-        return f"{len(targets)} workloads rolled out to {ctx.tag}"
+        draining = 0
+        for t in targets:
+            if t.worker:
+                n = await cluster.draining(t.workload)
+                draining += n
+                if n:
+                    ctx.say(
+                        f"       {t.workload}: {n} old pods still draining (up to "
+                        f"{dep.worker_grace_seconds} s to finish their tasks); not waited "
+                        "for",
+                        "roll",
+                    )
+        note = f"; {draining} old worker pods draining" if draining else ""
+        return f"{len(targets)} workloads rolled out to {ctx.tag}{note}"
     ctx.say(f"-----> rollout failed: {reason}", "roll")
     ctx.say(f"-----> rolling back {len(patched)} workloads to what ran before", "roll")
     await asyncio.gather(*(cluster.restore(t) for t in patched))

@@ -27,6 +27,7 @@ from typing import Any
 from tests.kubesim.store import BY_PATH, Resource, Store, now
 
 SCENARIO = "kubesim.deployd.dev/scenario"
+DRAIN = "kubesim.deployd.dev/drain-seconds"  # pods of this workload take this long to stop
 REVISION = "deployment.kubernetes.io/revision"
 TICK = 0.05
 SLOW_STEP = 0.4  # seconds per replica step in the `slow` scenario
@@ -182,13 +183,16 @@ class Controllers:
         if pod["metadata"].get("deletionTimestamp"):
             return
         grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+        drain = MAX_TERMINATION
+        for owner in self._owners(pod):
+            drain = float((owner["metadata"].get("annotations") or {}).get(DRAIN, drain))
         pod["metadata"]["deletionTimestamp"] = now()
         pod["metadata"]["deletionGracePeriodSeconds"] = grace
         self.store.replace(
             PODS, pod["metadata"]["namespace"], pod["metadata"]["name"], pod, check_rv=False
         )
         state = self.pod_state.setdefault(pod["metadata"]["uid"], {"born": time.monotonic()})
-        state["dies"] = time.monotonic() + min(float(grace), MAX_TERMINATION)
+        state["dies"] = time.monotonic() + min(float(grace), drain)
 
     def _pod(self, pod: dict[str, Any], t: float) -> None:
         uid = pod["metadata"]["uid"]
@@ -254,6 +258,24 @@ class Controllers:
                 subresource="status",
                 check_rv=False,
             )
+
+    def _owners(self, pod: dict[str, Any]) -> list[dict[str, Any]]:
+        """The pod's owner and its owner's owner (ReplicaSet, then Deployment)."""
+        out: list[dict[str, Any]] = []
+        obj = pod
+        for _ in range(2):
+            ref = next(iter(obj["metadata"].get("ownerReferences") or []), None)
+            if ref is None:
+                break
+            res = {"ReplicaSet": REPLICASETS, "Deployment": DEPLOYMENTS,
+                   "StatefulSet": STATEFULSETS, "Job": JOBS}.get(ref.get("kind", ""))
+            found = self.store.find(res, obj["metadata"].get("namespace"), ref["name"]) \
+                if res else None
+            if found is None:
+                break
+            out.append(found)
+            obj = found
+        return out
 
     def _pods_of(self, owner: dict[str, Any]) -> list[dict[str, Any]]:
         return [
