@@ -403,3 +403,38 @@ def test_draining_worker_pods_are_reported_not_waited_for(tmp_path: Path, testen
     assert roll["summary"].endswith("; 2 old worker pods draining")
     assert pod_template(sim, "deployment/airflow-worker")["spec"][
         "terminationGracePeriodSeconds"] == 3600
+
+
+def test_status_and_rollback_over_ssh(tmp_path: Path, testenv: Infra, sim: KubeSim) -> None:
+    from tests.sshserver import make_server
+
+    srv = make_server(tmp_path / "srv", testenv, extra={
+        "namespace": "airflow", "workloads": ["deployment/airflow-scheduler"],
+        "rollout_timeout_seconds": 30})
+    srv.config.write_text(srv.config.read_text()
+                          + f'\n[kubernetes]\nkubeconfig = "{sim.kubeconfig}"\n')
+    image = next(ln.split('"')[1] for ln in srv.config.read_text().splitlines()
+                 if ln.startswith("image = ") and "ssh-prod" in ln)
+    create(sim, tmp_path, scheduler(f"{image}:before"))
+    d = Deployd(srv.config, srv.state_dir)
+    project = make_project(tmp_path / "p", testenv.airflow_image)
+    first = deploy(d, project, "prod")[1]
+    from tests.projects import commit_all
+    (project / "README.md").write_text("v2\n")
+    commit_all(project, "v2")
+    second = deploy(d, project, "prod")[1]
+    srv.start()
+    try:
+        status = srv.ssh("status", "prod")
+        assert status.returncode == 0, status.stderr
+        assert f"deployment/airflow-scheduler: deploy #{second['id']};" in status.stdout
+        assert srv.ssh("rollback", "prod", key="bob").returncode == 1  # not bob's deployment
+        back = srv.ssh("rollback", "prod", timeout=120)
+        assert back.returncode == 0, back.stderr
+        assert "-----> roll" in back.stderr and "succeeded" in back.stdout
+        template = pod_template(sim, "deployment/airflow-scheduler")
+        assert template["spec"]["containers"][0]["image"] == \
+            f"{image}:{first['tag']}@{first['digest']}"
+        assert f"(rollback to #{first['id']})" in srv.ssh("status", "prod").stdout
+    finally:
+        srv.stop()
