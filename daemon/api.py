@@ -54,8 +54,9 @@ class Api:
             if token is None:
                 return _error(403, "the HTTP API is closed: set [server] api_token_file.")
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            # Headers arrive surrogate-escaped: any bytes compare, none crash.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), token.encode()
+                given.strip().encode("utf-8", "surrogateescape"), token.encode()
             ):
                 return _error(
                     401,

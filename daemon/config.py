@@ -280,6 +280,11 @@ def _deployment(t: _Table) -> Deployment:
         raise ConfigError(
             f"{t.where}.fetch_key_file", "set fetch_key_file or fetch_token_file, not both."
         )
+    if github_repo is not None and fetch_url is None:
+        raise ConfigError(
+            f"{t.where}.fetch_url",
+            "github_repo is set, so webhook deploys need fetch_url to fetch their commit from.",
+        )
     return dep
 
 

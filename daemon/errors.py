@@ -88,6 +88,10 @@ class ClusterError(DeploydError):
 
     exit_code = EXIT_UNREACHABLE
 
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason  # the API's Status reason (NotFound, Forbidden, ...)
+
 
 class Cancelled(DeploydError):
     """The deploy was cancelled (its requester went away or asked)."""

@@ -29,7 +29,13 @@ class Head:
     subject: str
 
 
-def _git(repo: Path, *args: str, check: bool = True, env: Mapping[str, str] | None = None) -> str:
+def _git(
+    repo: Path,
+    *args: str,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+) -> str:
     try:
         proc = subprocess.run(
             ["git", "-C", str(repo), *args],
@@ -37,7 +43,7 @@ def _git(repo: Path, *args: str, check: bool = True, env: Mapping[str, str] | No
             text=True,
             check=False,
             env={**_minimal_env(), **(env or {}), **_ENV_SAFE},
-            timeout=120,
+            timeout=timeout,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise GitError(f"git {args[0]} could not run: {exc}.") from exc
@@ -156,6 +162,7 @@ def fetch_commit(repo: Path, source: Path, commit: str) -> None:
     _git(repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", str(source), commit)
 
 
+FETCH_TIMEOUT = 1800
 # A constant command: the key and known-hosts paths reach ssh as environment
 # variables, never spliced into the string git hands to the shell.
 _FETCH_SSH = (
@@ -197,7 +204,18 @@ def fetch_remote(repo: Path, url: str, commit: str, env: Mapping[str, str]) -> b
     if resolve(repo, commit) is not None:
         return False
     try:
-        _git(repo, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", url, commit, env=env)
+        # A first fetch brings the whole history: generous, but not unbounded.
+        _git(
+            repo,
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            url,
+            commit,
+            env=env,
+            timeout=FETCH_TIMEOUT,
+        )
     except GitError as exc:
         raise GitError(
             f"could not fetch commit {commit[:12]} from the deployment's fetch_url: "

@@ -23,6 +23,9 @@ from daemon.config import Settings
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 5
+# Steps whose errors are about the repository's own content (its Dockerfile, DAGs,
+# tests): shown in commit statuses. Other steps' errors stay in the deploy log.
+PUBLIC_STEPS = frozenset({"build", "parse", "pytest"})
 MAX_WAIT = 60.0
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 
@@ -31,11 +34,21 @@ def status_for(record: dict[str, Any], public_url: str) -> dict[str, str]:
     """The commit status body for a deploy record."""
     state = record["state"]
     error = (record["error"] or "").strip()
+    step = record.get("step") or ""
+    internal = error.startswith("internal")
+    if step not in PUBLIC_STEPS and state != deploys.SUPERSEDED:
+        # Errors of the other steps name hosts, registries and clusters: they stay in
+        # the deploy's log; the status says where it stopped.
+        error = (
+            f"at the {step} step; see deploy #{record['id']}"
+            if step
+            else f"see deploy #{record['id']}"
+        )
     if state == deploys.RUNNING:
         gh, text = "pending", f"deploy #{record['id']} running"
     elif state == deploys.SUCCEEDED:
         gh, text = "success", f"deployed {record['tag']}"
-    elif state in (deploys.FAILED, deploys.ROLLED_BACK) and not error.startswith("internal"):
+    elif state in (deploys.FAILED, deploys.ROLLED_BACK) and not internal:
         gh, text = "failure", f"{state}: {error}"
     else:  # cancelled, interrupted, superseded, internal errors: not a verdict on the code
         gh, text = "error", f"{state}: {error}"
@@ -56,9 +69,11 @@ def retry_after(status: int, headers: Any, now: float) -> float | None:
         try:
             return min(MAX_WAIT, max(0.0, float(value)))
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if value else None
-            if parsed is not None:
-                return min(MAX_WAIT, max(0.0, parsed.timestamp() - now))
+            try:
+                parsed = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                return MAX_WAIT / 4  # unreadable: wait a while rather than hammer
+            return min(MAX_WAIT, max(0.0, parsed.timestamp() - now))
     limited = headers.get("X-RateLimit-Remaining") == "0"
     if status in (403, 429) and limited:
         try:
@@ -124,7 +139,8 @@ class StatusReporter:
                         return
                     why = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                     wait = retry_after(resp.status, resp.headers, time.time())
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+                # (RuntimeError: the session was closed at shutdown)
                 why, wait = f"{type(exc).__name__}: {exc}", 0.0
             if wait is None or attempt == ATTEMPTS - 1:
                 break

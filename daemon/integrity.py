@@ -94,9 +94,13 @@ def fingerprint(text: str) -> str | None:
     """The layout-, import-order- and docstring-blind hash of a Python file (None: not Python)."""
     try:
         tree = ast.parse(text)
-    except (SyntaxError, ValueError):
-        return None
-    _strip_docstrings(tree)
+        _strip_docstrings(tree)
+        return _hash(tree)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None  # not a file astro wrote
+
+
+def _hash(tree: ast.Module) -> str:
     imports: set[str] = set()
     body: list[ast.stmt] = []
     for stmt in tree.body:

@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import httpx2
 from lightkube import ApiError, AsyncClient
@@ -25,12 +25,13 @@ from lightkube.resources.apps_v1 import StatefulSet as K8sStatefulSet
 from lightkube.resources.authorization_v1 import SelfSubjectAccessReview
 from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Pod
-from lightkube.types import PatchType
+from lightkube.types import CascadeType, PatchType
 
 from daemon import rollout
 from daemon.config import Deployment, KubernetesSettings, Workload
 from daemon.errors import ClusterError, DependencyUnreachable
 
+T = TypeVar("T")
 KINDS: dict[str, Any] = {"deployment": K8sDeployment, "statefulset": K8sStatefulSet}
 GROUP_RESOURCE = {"deployment": ("apps", "deployments"), "statefulset": ("apps", "statefulsets")}
 ANNOTATION_DEPLOY = "deployd.dev/deploy-id"
@@ -46,6 +47,19 @@ EXECUTOR_IMAGE_ENV = (
         "AIRFLOW__KUBERNETES__WORKER_CONTAINER_TAG",
     ),
 )
+
+
+def managers(meta: dict[str, Any]) -> list[str]:
+    """Tools that also own this object: their next sync undoes deployd's patch."""
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    out = []
+    if labels.get("app.kubernetes.io/managed-by") == "Helm" or "meta.helm.sh/release-name" in (
+        annotations
+    ):
+        out.append("Helm")
+    if "argocd.argoproj.io/tracking-id" in annotations or "argocd.argoproj.io/instance" in labels:
+        out.append("Argo CD")
+    return out
 
 
 def repository(image: str) -> str:
@@ -97,13 +111,27 @@ class Cluster:
         with contextlib.suppress(Exception):
             await self.client.close()
 
+    async def _api(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
+        return await _with_retries(doing, call)
+
+    async def _pods(self, workload: Workload, selector: dict[str, str]) -> list[Pod]:
+        async def listing() -> list[Pod]:
+            return [
+                p
+                async for p in self.client.list(
+                    Pod, namespace=self.namespace, labels=dict[str, Any](selector)
+                )
+            ]
+
+        return await self._api(f"listing the pods of {workload}", listing)
+
     # -- reading -------------------------------------------------------------
 
     async def get(self, workload: Workload) -> dict[str, Any]:
-        async with _translated(f"reading {workload}"):
-            obj = await self.client.get(
-                KINDS[workload.kind], workload.name, namespace=self.namespace
-            )
+        obj = await self._api(
+            f"reading {workload}",
+            lambda: self.client.get(KINDS[workload.kind], workload.name, namespace=self.namespace),
+        )
         return dict(obj.to_dict())
 
     async def preflight(self, dep: Deployment) -> list[Target]:
@@ -120,7 +148,10 @@ class Cluster:
                 for w in dep.workloads
                 for verb in ("get", "patch", "watch")
             }
-        ) + [(("batch", "jobs"), verb) for verb in ("create", "get", "watch")]
+        ) + [(("batch", "jobs"), verb) for verb in ("create", "get", "watch", "delete")]
+        wanted.append((("", "pods"), "list"))
+        if any(w.kind == "statefulset" for w in dep.workloads):
+            wanted.append((("", "pods"), "delete"))  # stuck pods, on a rollback
 
         async def allowed(group: str, resource: str, verb: str) -> bool:
             review = SelfSubjectAccessReview(
@@ -130,13 +161,12 @@ class Cluster:
                     )
                 )
             )
-            async with _translated("checking permissions"):
-                answer = await self.client.create(review)
+            answer = await self._api("checking permissions", lambda: self.client.create(review))
             return bool(answer.status and answer.status.allowed)
 
         results = await asyncio.gather(*(allowed(g, r, v) for (g, r), v in wanted))
         denied = [
-            f"{verb} {resource}.{group}"
+            f"{verb} {resource}.{group}" if group else f"{verb} {resource}"
             for ((group, resource), verb), ok in zip(wanted, results, strict=True)
             if not ok
         ]
@@ -156,6 +186,12 @@ class Cluster:
                 return [c for c in items if c.get("name") in dep.containers]
             return [c for c in items if repository(str(c.get("image", ""))) == repo]
 
+        strategy = ((obj.get("spec") or {}).get("updateStrategy") or {}).get("type")
+        if workload.kind == "statefulset" and strategy not in (None, "RollingUpdate"):
+            raise ClusterError(
+                f"{workload} uses updateStrategy {strategy}: patching it would change no pod; "
+                "deployd rolls StatefulSets with the RollingUpdate strategy."
+            )
         containers = chosen(pod.get("containers") or [])
         inits = chosen(pod.get("initContainers") or [])
         if not containers and not inits:
@@ -210,11 +246,7 @@ class Cluster:
             annotations = (template.get("metadata") or {}).get("annotations") or {}
             containers = (template.get("spec") or {}).get("containers") or []
             selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-            async with _translated(f"listing the pods of {workload}"):
-                pods = [
-                    p.to_dict()
-                    async for p in self.client.list(Pod, namespace=self.namespace, labels=selector)
-                ]
+            pods = [p.to_dict() for p in await self._pods(workload, selector)]
             images: dict[str, int] = {}
             for pod in pods:
                 if (pod.get("metadata") or {}).get("deletionTimestamp"):
@@ -222,9 +254,11 @@ class Cluster:
                 for c in (pod.get("status") or {}).get("containerStatuses") or []:
                     key = c.get("imageID") or c.get("image") or "?"
                     images[key] = images.get(key, 0) + 1
+            meta = obj.get("metadata") or {}
             out.append(
                 {
                     "workload": str(workload),
+                    "managed_by": managers(meta),
                     "deploy_id": annotations.get(ANNOTATION_DEPLOY),
                     "images": {c.get("name"): c.get("image") for c in containers},
                     "rollout": rollout.verdict(workload.kind, obj).message,
@@ -237,10 +271,7 @@ class Cluster:
         """How many of the workload's pods are terminating (workers finishing their tasks)."""
         obj = await self.get(workload)
         selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-        async with _translated(f"listing the pods of {workload}"):
-            pods = [
-                p async for p in self.client.list(Pod, namespace=self.namespace, labels=selector)
-            ]
+        pods = await self._pods(workload, selector)
         return sum(
             1 for p in pods if p.metadata is not None and p.metadata.deletionTimestamp is not None
         )
@@ -272,7 +303,7 @@ class Cluster:
             "apiVersion": "batch/v1",
             "kind": "Job",
             "metadata": {
-                "name": f"{dep.name}-migrate-{deploy_id}"[:63],
+                "name": f"{dep.name[: 63 - len(f'-migrate-{deploy_id}')]}-migrate-{deploy_id}",
                 "labels": labels,
                 "namespace": self.namespace,
             },
@@ -282,22 +313,59 @@ class Cluster:
     async def run_job(
         self, job: dict[str, Any], deadline: float, progress: Callable[[str], None]
     ) -> str:
-        """Create the Job and wait for it; '' when it completed, else why not."""
+        """Create the Job and wait for it; '' when it completed, else why not.
+
+        A Job still running when the deploy gives up (deadline, cancellation) is
+        deleted with its pod, so that a migration of the new version does not go
+        on afterwards; a failed Job is kept for its logs.
+        """
         name = job["metadata"]["name"]
-        async with _translated(f"creating job {name}"):
-            await self.client.create(cast(Job, Job.from_dict(job)))
+        try:
+            why, ended = await self._follow_job(job, deadline, progress)
+        except BaseException:
+            await asyncio.shield(self._delete_job(name))
+            raise
+        if not ended:
+            await self._delete_job(name)
+        return why
+
+    async def _delete_job(self, name: str) -> None:
+        async def delete() -> None:
+            await self.client.delete(
+                Job, name, namespace=self.namespace, cascade=CascadeType.BACKGROUND
+            )
+
+        with contextlib.suppress(ClusterError, DependencyUnreachable):
+            await self._api(f"deleting job {name}", delete)
+
+    async def _follow_job(
+        self, job: dict[str, Any], deadline: float, progress: Callable[[str], None]
+    ) -> tuple[str, bool]:
+        """Create the Job and follow it: (why it did not complete, whether it ended)."""
+        name = job["metadata"]["name"]
+        try:
+            await self._api(
+                f"creating job {name}", lambda: self.client.create(cast(Job, Job.from_dict(job)))
+            )
+        except ClusterError as exc:
+            if exc.reason != "AlreadyExists":  # a retried create that had gone through
+                raise
         progress(f"job/{name} created")
         while time.monotonic() < deadline:
-            async with _translated(f"reading job {name}"):
-                obj = (await self.client.get(Job, name, namespace=self.namespace)).to_dict()
+            obj = (
+                await self._api(
+                    f"reading job {name}",
+                    lambda: self.client.get(Job, name, namespace=self.namespace),
+                )
+            ).to_dict()
             for cond in (obj.get("status") or {}).get("conditions") or []:
                 if cond.get("status") != "True":
                     continue
                 if cond.get("type") == "Complete":
                     progress(f"job/{name} complete")
-                    return ""
+                    return "", True
                 if cond.get("type") == "Failed":
-                    return f"job/{name} failed: {cond.get('message') or cond.get('reason')}"
+                    return f"job/{name} failed: {cond.get('message') or cond.get('reason')}", True
             rv = (obj.get("metadata") or {}).get("resourceVersion")
             try:
                 async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
@@ -313,7 +381,7 @@ class Cluster:
                 break
             except (ApiError, httpx2.HTTPError):
                 await asyncio.sleep(0.5)
-        return f"job/{name} did not finish in time"
+        return f"job/{name} did not finish in time", False
 
     # -- writing -------------------------------------------------------------
 
@@ -353,18 +421,29 @@ class Cluster:
         if grace is not None:
             spec["terminationGracePeriodSeconds"] = grace
         body = {"spec": {"template": {"metadata": {"annotations": annotations}, "spec": spec}}}
-        async with _translated(f"patching {target.workload}"):
-            obj = await self.client.patch(
+        obj = await self._api(
+            f"patching {target.workload}",
+            lambda: self.client.patch(
                 KINDS[target.workload.kind],
                 target.workload.name,
                 body,
                 namespace=self.namespace,
                 patch_type=PatchType.STRATEGIC,
-            )
+            ),
+        )
         return dict(obj.to_dict())
 
     async def restore(self, target: Target) -> None:
-        """Put the workload's pod template back as preflight saw it."""
+        """Put the workload's pod template back as preflight saw it.
+
+        A StatefulSet does not replace a pod that is not Ready (OrderedReady): the
+        pods of the failed revision that are stuck (crash loop, image pull) are
+        deleted so that the controller recreates them from the restored template.
+        """
+        failed_revision = None
+        if target.workload.kind == "statefulset":
+            obj = await self.get(target.workload)
+            failed_revision = (obj.get("status") or {}).get("updateRevision")
         await self.patch_image(
             target,
             lambda name: target.images[name],
@@ -372,22 +451,57 @@ class Cluster:
             target.grace if target.worker else None,
             target.env,
         )
+        if failed_revision:
+            await self._delete_stuck_pods(target.workload, failed_revision)
+
+    async def _delete_stuck_pods(self, workload: Workload, revision: str) -> None:
+        obj = await self.get(workload)
+        selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        for pod in await self._pods(workload, selector):
+            meta = pod.metadata
+            if meta is None or meta.name is None or meta.deletionTimestamp is not None:
+                continue
+            if (meta.labels or {}).get("controller-revision-hash") != revision:
+                continue
+            ready = any(
+                c.type == "Ready" and c.status == "True"
+                for c in ((pod.status.conditions if pod.status else None) or [])
+            )
+            if not ready:
+                await self._delete_pod(meta.name)
+
+    async def _delete_pod(self, name: str) -> None:
+        async def delete() -> None:
+            await self.client.delete(Pod, name, namespace=self.namespace)
+
+        await self._api(f"deleting stuck pod {name}", delete)
 
     # -- waiting -------------------------------------------------------------
 
     async def wait(
-        self, workload: Workload, deadline: float, progress: Callable[[str], None]
+        self,
+        workload: Workload,
+        deadline: float,
+        progress: Callable[[str], None],
+        judge: Callable[[dict[str, Any]], rollout.Verdict] | None = None,
     ) -> rollout.Verdict:
         """Follow a workload through watches until kubectl would call it done or failed.
 
-        Returns the last verdict (not done if the deadline passed). A dropped or
-        expired watch is picked up again from a fresh read.
+        Returns the last verdict (not done if the deadline passed). A read that
+        fails (after its retries) or a dropped or expired watch is picked up
+        again from a fresh read until the deadline: the caller decides then.
         """
+        judge = judge or (lambda obj: rollout.verdict(workload.kind, obj))
         last = ""
         verdict = rollout.Verdict(False, "not read yet")
         while time.monotonic() < deadline:
-            obj = await self.get(workload)
-            verdict = rollout.verdict(workload.kind, obj)
+            try:
+                obj = await self.get(workload)
+            except (ClusterError, DependencyUnreachable) as exc:
+                verdict = rollout.Verdict(False, f"cannot read it: {exc.message}")
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                continue
+            verdict = judge(obj)
             if verdict.message != last:
                 progress(verdict.message)
                 last = verdict.message
@@ -403,7 +517,7 @@ class Cluster:
                         resource_version=rv,
                         server_timeout=60,
                     ):
-                        verdict = rollout.verdict(workload.kind, dict(item.to_dict()))
+                        verdict = judge(dict(item.to_dict()))
                         if verdict.message != last:
                             progress(verdict.message)
                             last = verdict.message
@@ -416,14 +530,35 @@ class Cluster:
         return verdict
 
 
-@contextlib.asynccontextmanager
-async def _translated(doing: str):  # type: ignore[no-untyped-def]
-    try:
-        yield
-    except ApiError as exc:
-        message = exc.status.message if exc.status is not None else str(exc)
-        raise ClusterError(f"Kubernetes refused {doing}: {message}") from exc
-    except httpx2.HTTPError as exc:
-        raise DependencyUnreachable(
-            f"cannot reach the Kubernetes API while {doing}: {type(exc).__name__}: {exc}"
-        ) from exc
+RETRIED = {409: "Conflict", 429: "", 500: "", 502: "", 503: "", 504: ""}
+ATTEMPTS = 4
+
+
+async def _with_retries(doing: str, call: Callable[[], Awaitable[T]]) -> T:
+    """Run one API call; retry conflicts, 5xx, rate limits and network errors with backoff.
+
+    A conflicting patch is simply sent again: the server applies a strategic
+    merge to the object as it is then (a fresh read). 401, 403, 404 and other
+    refusals fail at once with the API server's message.
+    """
+    for attempt in range(ATTEMPTS):
+        last = attempt == ATTEMPTS - 1
+        try:
+            return await call()
+        except ApiError as exc:
+            code = exc.status.code if exc.status is not None else 0
+            reason = (exc.status.reason if exc.status is not None else "") or ""
+            message = exc.status.message if exc.status is not None else str(exc)
+            if code not in RETRIED or (RETRIED[code] and reason != RETRIED[code]) or last:
+                raise ClusterError(f"Kubernetes refused {doing}: {message}", reason=reason) from exc
+        except (httpx2.TransportError, httpx2.TimeoutException) as exc:
+            if last:
+                raise DependencyUnreachable(
+                    f"cannot reach the Kubernetes API while {doing}: {type(exc).__name__}: {exc}"
+                ) from exc
+        except httpx2.HTTPError as exc:
+            raise DependencyUnreachable(
+                f"the Kubernetes API failed while {doing}: {type(exc).__name__}: {exc}"
+            ) from exc
+        await asyncio.sleep(0.25 * 2**attempt)
+    raise AssertionError("unreachable")

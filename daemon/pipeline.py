@@ -83,6 +83,10 @@ class Pipeline:
         self.shutting_down = False
         self.releases: set[asyncio.Task[None]] = set()
         self.observers: list[Observer] = []
+        # Set by `deployd serve` on SIGTERM: deploys not yet started do not start.
+        self.stopping = False
+        # Deploys started by SSH commands (rollbacks): drained like pushes.
+        self.commands: set[asyncio.Task[Any]] = set()
 
     def enqueue(self, request: DeployRequest) -> int:
         """Record a deploy of `request` as queued; `run` it with the id returned."""
@@ -133,8 +137,13 @@ class Pipeline:
                 on_wait=lambda ahead: dlog.write(
                     f"       queued behind deploy #{ahead}" if ahead else "       queued"
                 ),
-                # Superseded (or otherwise ended) while it waited: leave the queue.
-                give_up=lambda: records.state(deploy_id) != deploys.QUEUED,
+                # Superseded (or otherwise ended) while it waited: leave the queue. A
+                # webhook deploy also leaves it when the daemon stops: it stays queued
+                # and the next daemon resumes it.
+                give_up=lambda: (
+                    records.state(deploy_id) != deploys.QUEUED
+                    or (self.stopping and request.trigger == "webhook")
+                ),
             )
         except BaseException:
             if self.shutting_down and request.trigger == "webhook":
@@ -148,7 +157,10 @@ class Pipeline:
         if not got:
             record = records.get(deploy_id)
             assert record is not None
-            dlog.write(f"-----> {record['state']}: {record['error'] or 'while queued'}")
+            if record["state"] == deploys.QUEUED:
+                dlog.write("       deployd is stopping; this deploy runs when it starts again")
+            else:
+                dlog.write(f"-----> {record['state']}: {record['error'] or 'while queued'}")
             dlog.close()
             return DeployOutcome(record, 1)
         ctx = DeployContext(
@@ -179,6 +191,7 @@ class Pipeline:
             recover, records, self.services.images, state_dir, dep.name, lock, current=ctx.id
         ):
             ctx.say(f"       deploy #{gone} had died; marked interrupted")
+            await roll.reconcile(self.services, dep.name, gone)
         if ctx.request.trigger == "webhook":
             newer = records.newer_queued(dep.name, ctx.id, "webhook")
             if newer is not None:
@@ -208,7 +221,6 @@ class Pipeline:
                 return DeployOutcome(record, 1)
             raise DeploydError(f"deploy #{ctx.id} was changed by someone else while queued.")
         self._tell("running", ctx.id)
-        ctx.workdir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         try:
             await self._execute(ctx, plan)
@@ -287,6 +299,7 @@ class Pipeline:
             ctx.log.close()
 
     async def _execute(self, ctx: DeployContext, plan: tuple[deploys.PlannedStep, ...]) -> None:
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
         runs = {s.name for s in plan if s.runs}
         if "preflight" in runs:
             await self._step(ctx, "preflight")

@@ -116,6 +116,30 @@ def statefulset(obj: dict[str, Any]) -> Verdict:
     )
 
 
+def settled(obj: dict[str, Any]) -> Verdict:
+    """A worker StatefulSet whose old pods may drain their tasks for hours.
+
+    The StatefulSet controller replaces pod N only once the old pod N has
+    stopped, so waiting by kubectl's rule would wait for every drain in turn.
+    deployd counts it rolled once the controller has taken the new template;
+    the pods move to it as they finish their tasks, and the roll reports them.
+    """
+    meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+    if _int(meta.get("generation")) > _int(status.get("observedGeneration")):
+        return Verdict(False, "Waiting for statefulset spec update to be observed...")
+    revision = status.get("updateRevision")
+    if not revision:
+        return Verdict(False, "Waiting for the statefulset's update revision...")
+    updated = _int(status.get("updatedReplicas"))
+    replicas = (obj.get("spec") or {}).get("replicas")
+    return Verdict(
+        True,
+        f"new template taken (revision {revision}); {updated} of "
+        f"{replicas if isinstance(replicas, int) else '?'} pods updated, the rest "
+        "follow as they finish their tasks",
+    )
+
+
 def verdict(kind: str, obj: dict[str, Any]) -> Verdict:
     """The verdict for a workload of `kind` (`deployment` or `statefulset`)."""
     return deployment(obj) if kind == "deployment" else statefulset(obj)

@@ -35,6 +35,7 @@ from daemon.pipeline import HOLD_LOCK_SECONDS, Pipeline
 from daemon.receive import Receiver
 from daemon.records import Records
 from daemon.recovery import recover
+from daemon.steps import roll
 from daemon.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class Daemon:
         """Serve until SIGTERM (or SIGINT)."""
         settings = self.settings
         state_dir = settings.server.state_dir
-        await asyncio.to_thread(self._recover_all)
+        for name, gone in await asyncio.to_thread(self._recover_all):
+            await roll.reconcile(self.services, name, gone)
         fingerprint = sshd.ensure_host_key(state_dir / "ssh_host_ed25519_key")
         log.info("SSH host key %s", fingerprint)
         for dep in settings.deployments:
@@ -108,6 +110,7 @@ class Daemon:
             self.notifier.send("STOPPING=1", "STATUS=stopping")
             acceptor.close()
             self.webhooks.holding = True
+            self.pipeline.stopping = True
             await self.drain(settings.server.shutdown_grace_seconds)
             await self.hooks.close()
             await self.statuses.close(timeout=10)
@@ -119,7 +122,7 @@ class Daemon:
     @property
     def running(self) -> set[asyncio.Task[Any]]:
         """The deploys under way: pushes over SSH and webhook deliveries."""
-        return self.receiver.running | self.webhooks.running
+        return self.receiver.running | self.webhooks.running | self.pipeline.commands
 
     async def drain(self, grace: int) -> None:
         """Let running deploys finish for `grace` seconds, then interrupt the rest.
@@ -175,18 +178,22 @@ class Daemon:
             self.notifier.send("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    def _recover_all(self) -> None:
+    def _recover_all(self) -> list[tuple[str, int]]:
+        """Recover every deployment not locked by a live deploy; the deploys marked dead."""
+        gone: list[tuple[str, int]] = []
         for dep in self.settings.deployments:
             lock = DeploymentLock(self.settings.server.state_dir, dep.name)
             if lock.try_acquire():
                 try:
-                    recover(
+                    for deploy_id in recover(
                         self.records, self.images, self.settings.server.state_dir, dep.name, lock
-                    )
+                    ):
+                        gone.append((dep.name, deploy_id))
                 except DeploydError as exc:
                     log.warning("recovery of %s: %s", dep.name, exc)
                 finally:
                     lock.release()
+        return gone
 
 
 def serve(config_path: Path) -> None:

@@ -265,7 +265,13 @@ async def _rollback(
     request = rollbacks.request(
         state.settings, dep, rec, trigger="ssh", actor=key.name, force=False
     )
-    outcome = await state.pipeline.run(request, sink=lambda line: _err(process, line))
+    task = asyncio.current_task()
+    assert task is not None
+    state.pipeline.commands.add(task)  # SIGTERM waits for it like for a push
+    try:
+        outcome = await state.pipeline.run(request, sink=lambda line: _err(process, line))
+    finally:
+        state.pipeline.commands.discard(task)
     final = outcome.record
     _out(
         process,

@@ -67,10 +67,19 @@ def status_lines(
             continue
         by = f"deploy #{w['deploy_id']}" if w["deploy_id"] else "not deployed by deployd"
         out.append(f"  {w['workload']}: {by}; {w['rollout']}")
+        for tool in w.get("managed_by") or []:
+            out.append(f"      warning: managed by {tool}; its next sync will undo deployd's patch")
         for name, image in sorted(w["images"].items()):
             out.append(f"      {name}: {image}")
+        digest = (last or {}).get("digest") or ""
+        repo = (last or {}).get("image") or ""
         for image, count in sorted(w["pods_running"].items()):
-            out.append(f"      running: {count} x {image}")
+            differs = (
+                f"  <- not deploy #{last['id']}'s image"
+                if last and image.startswith(repo) and not image.endswith(digest)
+                else ""
+            )
+            out.append(f"      running: {count} x {image}{differs}")
     return out
 
 

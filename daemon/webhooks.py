@@ -32,7 +32,6 @@ from daemon.deploys import Options
 from daemon.errors import DeploydError
 from daemon.pipeline import Pipeline, preflight, queued_fields
 from daemon.records import Records
-from daemon.recovery import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +258,8 @@ class Webhooks:
             for rec in self.records.in_flight(dep.name):
                 if rec["trigger"] != "webhook" or rec["state"] != deploys.QUEUED:
                     continue
-                if rec["pid"] != os.getpid() and pid_alive(rec["pid"]):
-                    continue  # another live process owns it
+                # Only the daemon queues webhook deploys, and it is starting: every one
+                # still queued is its own (whatever process now has the old pid).
                 self.records.update(rec["id"], pid=os.getpid())
                 request = DeployRequest(
                     deployment=dep,

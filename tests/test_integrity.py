@@ -83,3 +83,8 @@ def test_plan_per_mode() -> None:
     assert integrity.plan("auto", gen) == (True, False)
     assert integrity.plan("auto", custom) == (True, True)
     assert integrity.plan("auto", None) == (True, False)
+
+
+def test_a_file_too_deep_to_parse_is_customised() -> None:
+    deep = "x = " + "+".join(["a"] * 5000) + "\n"
+    assert integrity.fingerprint(deep) is None and integrity.customised(deep)

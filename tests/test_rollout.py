@@ -260,8 +260,8 @@ def test_read_only_credentials_are_refused_naming_the_verb(tmp_path: Path, teste
         proc, rec = deploy(d, make_project(tmp_path / "p", testenv.airflow_image), "rbac")
         assert proc.returncode == 4
         assert (
-            "may not patch deployments.apps, patch statefulsets.apps, create jobs.batch in "
-            "namespace airflow"
+            "may not patch deployments.apps, patch statefulsets.apps, create jobs.batch, "
+            "delete jobs.batch, delete pods in namespace airflow; grant them (RBAC)"
             in rec["error"]
         )
     finally:
@@ -438,3 +438,88 @@ def test_status_and_rollback_over_ssh(tmp_path: Path, testenv: Infra, sim: KubeS
         assert f"(rollback to #{first['id']})" in srv.ssh("status", "prod").stdout
     finally:
         srv.stop()
+
+
+def test_status_tells_a_hand_edit_and_helm_apart(tmp_path: Path, testenv: Infra,
+                                                 sim: KubeSim) -> None:
+    d, image = deployd_for(tmp_path, testenv, sim, "truth",
+                           workloads=["deployment/airflow-scheduler"], worker_workloads=[])
+    create(sim, tmp_path, scheduler(f"{image}:before"))
+    rec = deploy(d, make_project(tmp_path / "p", testenv.airflow_image), "truth")[1]
+    assert rec["state"] == "succeeded"
+    clean = d.run("status", "truth", "--json")
+    assert clean.returncode == 0, clean.stderr
+    [w] = json.loads(clean.stdout)["cluster"]
+    assert w["managed_by"] == []
+    assert w["pods_running"][f"{image}@{rec['digest']}"] == 2
+    assert "not deploy #" not in d.run("status", "truth").stdout
+    # Someone ran kubectl set image by hand, and Helm owns the Deployment.
+    kubectl(sim, "set", "image", "deployment/airflow-scheduler",
+            f"scheduler={image}:hand-made")
+    kubectl(sim, "label", "deployment/airflow-scheduler", "app.kubernetes.io/managed-by=Helm")
+    wait_rolled(sim, "deployment/airflow-scheduler")
+    out = d.run("status", "truth").stdout
+    assert "warning: managed by Helm; its next sync will undo deployd's patch" in out
+    assert f"  <- not deploy #{rec['id']}'s image" in out
+    assert f"scheduler: {image}:hand-made" in out
+
+
+def test_a_deploy_killed_mid_roll_is_reconciled_with_the_cluster(tmp_path: Path, testenv: Infra,
+                                                                 sim: KubeSim) -> None:
+    import signal
+
+    d, image = deployd_for(tmp_path, testenv, sim, "killed",
+                           workloads=["deployment/airflow-scheduler"], worker_workloads=[])
+    create(sim, tmp_path, scheduler(f"{image}:before", replicas=4, scenario="slow"))
+    wait_rolled(sim, "deployment/airflow-scheduler")
+    project = make_project(tmp_path / "p", testenv.airflow_image)
+    proc = d.start("deploy", "killed", str(project))
+    deadline = time.monotonic() + 120
+    while True:
+        rows = json.loads(d.run("deploys", "--json").stdout)
+        if rows and rows[0]["step"] == "roll":
+            break
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    time.sleep(0.5)  # patched, rolling slowly
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from tests.projects import commit_all
+    (project / "README.md").write_text("again\n")
+    commit_all(project, "Again")
+    again, rec = deploy(d, project, "killed")
+    assert again.returncode == 0, again.stderr
+    killed = d.record(rec["id"] - 1)
+    assert killed["state"] == "interrupted" and killed["step"] == "roll"
+    assert f"At recovery, the cluster shows deployment/airflow-scheduler: deploy #{killed['id']}" \
+        in str(killed["error"])
+
+
+def test_statefulsets_stuck_or_draining(tmp_path: Path, testenv: Infra, sim: KubeSim) -> None:
+    """A crash-looping StatefulSet is rolled back (its stuck pod replaced); a worker
+    StatefulSet whose pods drain for a long time is not waited for."""
+    d, image = deployd_for(
+        tmp_path, testenv, sim, "sts",
+        workloads=["statefulset/airflow-triggerer", "statefulset/airflow-worker"],
+        rollout_timeout_seconds=6)
+    triggerer = worker(f"{image}:before", replicas=2)
+    triggerer["metadata"] = {"name": "airflow-triggerer", "namespace": "airflow",
+                             "annotations": {SCENARIO: "never-ready"}}
+    triggerer["spec"]["selector"]["matchLabels"] = {"component": "triggerer"}
+    triggerer["spec"]["template"]["metadata"]["labels"] = {"component": "triggerer"}
+    create(sim, tmp_path, triggerer)
+    draining = worker(f"{image}:before", replicas=2)
+    draining["metadata"]["annotations"] = {"kubesim.deployd.dev/drain-seconds": "60"}
+    create(sim, tmp_path, draining)
+    wait_rolled(sim, "statefulset/airflow-triggerer", "statefulset/airflow-worker")
+    proc, rec = deploy(d, make_project(tmp_path / "p", testenv.airflow_image), "sts")
+    assert proc.returncode == 3, proc.stderr
+    assert "statefulset/airflow-triggerer not ready after 6 s" in rec["error"]
+    # The worker did not hold the deploy up: it took the template, its pods drain.
+    assert "statefulset/airflow-worker: new template taken" in proc.stderr
+    # The triggerer's crash-looping pod was replaced from the restored template.
+    wait_rolled(sim, "statefulset/airflow-triggerer")
+    pods = json.loads(kubectl(sim, "get", "pods", "-l", "component=triggerer", "-o",
+                              "json").stdout)["items"]
+    assert {c["image"] for p in pods for c in p["status"]["containerStatuses"]} == \
+        {f"{image}:before"}

@@ -310,7 +310,7 @@ def test_a_commit_that_cannot_be_fetched_fails_with_the_reason(hooked: Hooked) -
     assert rec["state"] == "failed" and rec["step"] == "checkout"
     assert f"could not fetch commit {missing[:12]}" in rec["error"]
     calls = hooked.github.wait_for(missing, "failure")
-    assert calls[-1].body["description"].startswith("failed: could not fetch commit")
+    assert calls[-1].body["description"] == f"failed: at the checkout step; see deploy #{rec['id']}"
 
 
 def test_waiting_webhook_deploys_coalesce_but_ssh_pushes_do_not(tmp_path: Path, hooked: Hooked

@@ -211,25 +211,35 @@ def test_a_failing_deploy_insert_records_no_delivery(tmp_path: Path) -> None:
 
 # -- commit statuses ---------------------------------------------------------
 
-def _record(state: str, error: str = "", tag: str = "t1") -> dict[str, Any]:
-    return {"id": 12, "deployment": "prod", "state": state, "error": error, "tag": tag}
+def _record(state: str, error: str = "", step: str | None = None,
+            tag: str = "t1") -> dict[str, Any]:
+    return {"id": 12, "deployment": "prod", "state": state, "error": error, "tag": tag,
+            "step": step}
 
 
-@pytest.mark.parametrize(("state", "error", "gh", "text"), [
-    ("running", "", "pending", "deploy #12 running"),
-    ("succeeded", "", "success", "deployed t1"),
-    ("failed", "parse: dags/x.py: SyntaxError", "failure", "failed: parse: dags/x.py"),
-    ("rolled_back", "scheduler did not become ready", "failure", "rolled_back: scheduler"),
-    ("failed", "internal error: KeyError", "error", "failed: internal error"),
-    ("superseded", "superseded by deploy #13", "error", "superseded: superseded by deploy #13"),
-    ("interrupted", "deployd shut down", "error", "interrupted"),
+@pytest.mark.parametrize(("state", "error", "step", "gh", "text"), [
+    ("running", "", "build", "pending", "deploy #12 running"),
+    ("succeeded", "", None, "success", "deployed t1"),
+    ("failed", "dags/x.py: SyntaxError at line 3", "parse", "failure",
+     "failed: dags/x.py: SyntaxError at line 3"),
+    ("failed", "the tests failed: 1 failed", "pytest", "failure", "failed: the tests failed"),
+    # Errors of other steps name hosts and clusters: only the step is said.
+    ("rolled_back", "deployment/s on https://10.0.0.1:6443 ...", "roll", "failure",
+     "rolled_back: at the roll step; see deploy #12"),
+    ("failed", "could not fetch from git@github.example:acme/x", "checkout", "failure",
+     "failed: at the checkout step; see deploy #12"),
+    ("failed", "internal error: KeyError", "checkout", "error", "failed: at the checkout step"),
+    ("superseded", "superseded by deploy #13", None, "error",
+     "superseded: superseded by deploy #13"),
+    ("interrupted", "deployd shut down", "roll", "error", "interrupted: at the roll step"),
 ])
-def test_status_for_each_outcome(state: str, error: str, gh: str, text: str) -> None:
-    body = status_for(_record(state, error), "https://deployd.example")
-    assert body["state"] == gh and body["description"].startswith(text)
+def test_status_for_each_outcome(state: str, error: str, step: str | None, gh: str,
+                                 text: str) -> None:
+    body = status_for(_record(state, error, step), "https://deployd.example")
+    assert body["state"] == gh and body["description"].startswith(text), body
     assert body["context"] == "deployd/prod"
     assert body["target_url"] == "https://deployd.example/api/deploys/12"
-    long = status_for(_record("failed", "x" * 500), "")
+    long = status_for(_record("failed", "x" * 500, "parse"), "")
     assert len(long["description"]) == 140 and "target_url" not in long
 
 
@@ -242,6 +252,7 @@ def test_retry_after_rules() -> None:
     assert retry_after(403, {"X-RateLimit-Remaining": "12"}, 0) is None
     assert retry_after(422, {}, 0) is None
     assert retry_after(503, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 1445412478) == 2.0
+    assert retry_after(503, {"Retry-After": "garbage"}, 0) == 15.0
 
 
 # -- the API -----------------------------------------------------------------
@@ -310,3 +321,23 @@ def test_a_new_delivery_supersedes_the_queued_ones_of_its_deployment(tmp_path: P
     rec = records.get(second)
     assert rec is not None and rec["error"].startswith(f"superseded by deploy #{third}")
     assert rec["finished_at"] is not None
+
+
+def test_a_github_repo_needs_a_fetch_url(tmp_path: Path) -> None:
+    from daemon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fetch_url"):
+        config.parse({"server": {"state_dir": str(tmp_path)}, "deployment": [
+            {"name": "p", "image": "r.example/a/p", "github_repo": "acme/x"}]},
+            base=tmp_path, path=tmp_path / "d.toml")
+
+
+async def test_api_answers_401_to_undecodable_tokens(tmp_path: Path) -> None:
+    s = settings(tmp_path, token="api-t0ken")
+    client = await _client(Api(lambda: s, Records(tmp_path / "d.db")))
+    try:
+        resp = await client.get("/api/deployments",
+                                headers={"Authorization": "Bearer \udcff\udcfe"})
+        assert resp.status == 401
+    finally:
+        await client.close()

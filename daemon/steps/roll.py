@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
-from daemon.context import DeployContext
+from daemon import deploys, rollout
+from daemon.context import DeployContext, Services
 from daemon.errors import DeploydError, RolledBack
 from daemon.kube import ANNOTATION_COMMIT, ANNOTATION_DEPLOY, Cluster, Target
 
@@ -52,39 +54,93 @@ async def run(ctx: DeployContext) -> str:
         await cluster.patch_image(t, lambda _name: ref, annotations, grace)
         patched.append(t)
 
-    results = await asyncio.gather(*(roll_one(t) for t in targets), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    ctx.say(f"       patched {len(patched)} of {len(targets)} workloads to {ref}", "roll")
-    reason = ""
-    if errors:
-        reason = "; ".join(e.message if isinstance(e, DeploydError) else repr(e) for e in errors)
-    else:
-        reason = await _wait_all(ctx, targets, "roll")
+    try:
+        results = await asyncio.gather(*(roll_one(t) for t in targets), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        ctx.say(f"       patched {len(patched)} of {len(targets)} workloads to {ref}", "roll")
+        if errors:
+            reason = "; ".join(_why(e) for e in errors)
+        else:
+            reason = await _wait_all(ctx, targets)
+    except Exception as exc:  # whatever happens once workloads are patched, roll them back
+        reason = _why(exc)
     if not reason:
-        draining = 0
-        for t in targets:
-            if t.worker:
-                n = await cluster.draining(t.workload)
-                draining += n
-                if n:
-                    ctx.say(
-                        f"       {t.workload}: {n} old pods still draining (up to "
-                        f"{dep.worker_grace_seconds} s to finish their tasks); not waited "
-                        "for",
-                        "roll",
-                    )
-        note = f"; {draining} old worker pods draining" if draining else ""
-        return f"{len(targets)} workloads rolled out to {ctx.tag}{note}"
+        return f"{len(targets)} workloads rolled out to {ctx.tag}{await _draining(ctx, targets)}"
     ctx.say(f"-----> rollout failed: {reason}", "roll")
     ctx.say(f"-----> rolling back {len(patched)} workloads to what ran before", "roll")
-    await asyncio.gather(*(cluster.restore(t) for t in patched))
-    back = await _wait_all(ctx, patched, "rollback")
-    if back:
+    restores = await asyncio.gather(*(cluster.restore(t) for t in patched), return_exceptions=True)
+    unrestored = [
+        f"{t.workload}: {_why(r)}"
+        for t, r in zip(patched, restores, strict=True)
+        if isinstance(r, BaseException)
+    ]
+    back = await _wait_all(
+        ctx, [t for t, r in zip(patched, restores, strict=True) if not isinstance(r, BaseException)]
+    )
+    if back or unrestored:
         raise DeploydError(
             f"the rollout failed ({reason}) and the rollback did not finish "
-            f"either ({back}); check the cluster."
+            f"either ({'; '.join(unrestored + ([back] if back else []))}); check the cluster."
         )
     raise RolledBack(f"the rollout failed and was rolled back: {reason}")
+
+
+def _why(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, DeploydError) else f"internal error: {exc!r}"
+
+
+async def _draining(ctx: DeployContext, targets: list[Target]) -> str:
+    """Report worker pods still finishing their tasks (best effort: never fails the deploy)."""
+    cluster, dep = ctx.cluster, ctx.deployment
+    assert cluster is not None
+    total = 0
+    for t in targets:
+        if not t.worker:
+            continue
+        try:
+            n = await cluster.draining(t.workload)
+        except DeploydError as exc:
+            ctx.say(f"       {t.workload}: could not count draining pods: {exc.message}", "roll")
+            continue
+        total += n
+        if n:
+            ctx.say(
+                f"       {t.workload}: {n} old pods still draining (up to "
+                f"{dep.worker_grace_seconds} s to finish their tasks); not waited for",
+                "roll",
+            )
+    return f"; {total} old worker pods draining" if total else ""
+
+
+async def reconcile(services: Services, deployment: str, deploy_id: int) -> None:
+    """After a deploy died during its roll: record what the cluster shows now."""
+    records = services.records
+    rec = records.get(deploy_id)
+    if rec is None or rec["step"] != "roll" or rec["state"] != deploys.INTERRUPTED:
+        return
+    dep = services.settings.deployment(deployment)
+    cluster = Cluster(services.settings.kubernetes, dep.namespace)
+    try:
+        running = await cluster.running(dep)
+    except DeploydError as exc:
+        shows = f"the cluster could not be read ({exc.message})"
+    else:
+        shows = "the cluster shows " + ", ".join(
+            f"{w['workload']}: "
+            + (
+                w.get("error")
+                or (
+                    f"deploy #{w['deploy_id']}, {w['rollout'].rstrip('.')}"
+                    if w["deploy_id"]
+                    else "not deployed by deployd"
+                )
+            )
+            for w in running
+        )
+    finally:
+        await cluster.close()
+    records.append_log(deploy_id, "roll", [f"-----> at recovery, {shows}"])
+    records.update(deploy_id, error=f"{rec['error']} At recovery, {shows}.")
 
 
 def _version(text: str | None) -> tuple[int, ...]:
@@ -122,8 +178,13 @@ async def _migrate(ctx: DeployContext, ref: str) -> None:
         raise DeploydError(f"the database migration failed, so nothing was rolled: {why}")
 
 
-async def _wait_all(ctx: DeployContext, targets: list[Target], what: str) -> str:
-    """Wait for every workload; '' when all are done, else why not."""
+async def _wait_all(ctx: DeployContext, targets: list[Target]) -> str:
+    """Wait for every workload; '' when all are done, else why not.
+
+    Worker StatefulSets count as rolled once the controller took the new
+    template: their pods are replaced one by one as each old one finishes its
+    tasks, which may take up to worker_grace_seconds each (rollout.settled).
+    """
     cluster = ctx.cluster
     assert cluster is not None
     timeout = ctx.deployment.rollout_timeout_seconds
@@ -132,8 +193,11 @@ async def _wait_all(ctx: DeployContext, targets: list[Target], what: str) -> str
     def progress(t: Target) -> Callable[[str], None]:
         return lambda message: ctx.say(f"       {t.workload}: {message}", "roll")
 
+    def judge(t: Target) -> Callable[[dict[str, Any]], rollout.Verdict] | None:
+        return rollout.settled if t.worker and t.workload.kind == "statefulset" else None
+
     verdicts = await asyncio.gather(
-        *(cluster.wait(t.workload, deadline, progress(t)) for t in targets)
+        *(cluster.wait(t.workload, deadline, progress(t), judge(t)) for t in targets)
     )
     bad = []
     for t, v in zip(targets, verdicts, strict=True):

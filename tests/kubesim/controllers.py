@@ -80,11 +80,10 @@ def _owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
 
 def _image_id(image: str) -> str:
     """What the kubelet reports: `repository@sha256:digest` (never the tag)."""
-    if "@sha256:" in image:
-        name, digest = image.split("@", 1)
-        last = name.rsplit("/", 1)[-1]
-        return f"{name.rsplit(':', 1)[0] if ':' in last else name}@{digest}"
-    return f"{image.split(':')[0]}@sha256:{hashlib.sha256(image.encode()).hexdigest()}"
+    name, _, digest = image.partition("@")
+    last = name.rsplit("/", 1)[-1]
+    repo = name.rsplit(":", 1)[0] if ":" in last else name
+    return f"{repo}@{digest or 'sha256:' + hashlib.sha256(image.encode()).hexdigest()}"
 
 
 class Controllers:
@@ -98,6 +97,9 @@ class Controllers:
         self.pod_state: dict[str, dict[str, Any]] = {}  # pod uid -> timing facts
         self.progress: dict[str, tuple[float, Any]] = {}  # deployment uid -> (time, progress)
         self.last_step: dict[str, float] = {}
+        # (namespace, name) -> wall-clock time a Deployment's rollout last became complete
+        self.available_at: dict[tuple[str, str], float] = {}
+        self._complete: dict[str, tuple[int, bool]] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -384,6 +386,10 @@ class Controllers:
             self.progress[uid] = (t, progress_key)
             last_time = t
         complete = updated == replicas and new_ready == replicas and not old_pods
+        generation = dep["metadata"]["generation"]
+        if complete and self._complete.get(uid) != (generation, True):
+            self.available_at[(ns, name)] = time.time()
+        self._complete[uid] = (generation, complete)
         deadline = float(spec.get("progressDeadlineSeconds", 600))
         old_status = dep.get("status") or {}
         old_progressing = next(
