@@ -257,6 +257,9 @@ class Pipeline:
             f"-----> deployed {dep.image}:{ctx.tag} ({ctx.digest}) as deploy #{ctx.id} "
             f"in {elapsed:.1f} s"
         )
+        # Recorded the moment it is true; the server branch follows (still under the lock).
+        records.transition(ctx.id, deploys.RUNNING, deploys.SUCCEEDED, step=None)
+        log.info("deploy #%s of %s succeeded: %s:%s", ctx.id, dep.name, dep.image, ctx.tag)
         if ctx.request.trigger != "ssh" and ctx.request.rollback_to is None:
             # A push updates the server branch itself (git, after the hook says yes).
             try:
@@ -270,8 +273,6 @@ class Pipeline:
                 )
             except DeploydError as exc:
                 ctx.say(f"       note: the server repository was not updated: {exc.message}")
-        records.transition(ctx.id, deploys.RUNNING, deploys.SUCCEEDED, step=None)
-        log.info("deploy #%s of %s succeeded: %s:%s", ctx.id, dep.name, dep.image, ctx.tag)
         return DeployOutcome(self._record(ctx), 0)
 
     def _ref_moved(self, ctx: DeployContext) -> str:

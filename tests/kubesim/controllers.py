@@ -100,6 +100,7 @@ class Controllers:
         # (namespace, name) -> wall-clock time a Deployment's rollout last became complete
         self.available_at: dict[tuple[str, str], float] = {}
         self._complete: dict[str, tuple[int, bool]] = {}
+        self._became: list[tuple[str, str]] = []
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -142,6 +143,11 @@ class Controllers:
             self._job(job, t)
         for pod in self.store.list(PODS, None):
             self._pod(pod, t)
+        # Clients can see a status once the tick yields: that is when it became available.
+        stamp = time.time()
+        for key in self._became:
+            self.available_at[key] = stamp
+        self._became.clear()
 
     # -- scenarios -------------------------------------------------------------
 
@@ -388,7 +394,7 @@ class Controllers:
         complete = updated == replicas and new_ready == replicas and not old_pods
         generation = dep["metadata"]["generation"]
         if complete and self._complete.get(uid) != (generation, True):
-            self.available_at[(ns, name)] = time.time()
+            self._became.append((ns, name))
         self._complete[uid] = (generation, complete)
         deadline = float(spec.get("progressDeadlineSeconds", 600))
         old_status = dep.get("status") or {}
