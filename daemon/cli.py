@@ -27,7 +27,6 @@ from daemon.context import DeployRequest, Services
 from daemon.deploys import Options
 from daemon.errors import DeploydError, UsageError
 from daemon.images import Images
-from daemon.kube import Cluster
 from daemon.locks import DeploymentLock
 from daemon.pipeline import DeployOutcome, Pipeline
 from daemon.records import Records
@@ -299,6 +298,8 @@ def status(ctx: click.Context, config_path: str | None, deployment: str, as_json
 async def _cluster_status(
     settings: config_mod.Settings, dep: config_mod.Deployment
 ) -> list[dict[str, Any]]:
+    from daemon.kube import Cluster
+
     cluster = Cluster(settings.kubernetes, dep.namespace)
     try:
         return await cluster.running(dep)

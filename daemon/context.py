@@ -7,14 +7,16 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.config import Deployment, Settings
 from daemon.deploys import Options
 from daemon.images import Images
-from daemon.kube import Cluster, Target
 from daemon.logs import DeployLog
 from daemon.records import Records
+
+if TYPE_CHECKING:  # lightkube costs ~60 ms to import: only deploys that roll load it
+    from daemon.kube import Cluster, Target
 
 
 @dataclass(frozen=True)

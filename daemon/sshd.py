@@ -24,7 +24,6 @@ import asyncssh
 from daemon import names, pushrules, repos, rollbacks, views
 from daemon.config import Deployment, Key, Settings
 from daemon.errors import DeploydError
-from daemon.kube import Cluster
 from daemon.records import Records
 
 log = logging.getLogger(__name__)
@@ -241,6 +240,8 @@ async def _status(state: SSHState, key: Key, command: pushrules.Command) -> list
     records = state.records
     cluster: list[dict[str, Any]] | str = []
     if dep.workloads:
+        from daemon.kube import Cluster
+
         kube = None
         try:
             kube = Cluster(state.settings.kubernetes, dep.namespace)
