@@ -172,6 +172,23 @@ _FETCH_SSH = (
 )
 
 
+# github.com's published SSH host key (docs.github.com, "GitHub's SSH key fingerprints"):
+# pinned, so that the first fetch from GitHub is not trust-on-first-use. Other
+# hosts are learned on first use unless their keys are put in the file beforehand.
+GITHUB_HOST_KEY = (
+    "github.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+)
+
+
+def seed_known_hosts(path: Path) -> None:
+    """Make sure deployd's known_hosts file pins github.com's host key."""
+    text = path.read_text() if path.exists() else ""
+    if GITHUB_HOST_KEY not in text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as out:
+            out.write(("" if not text or text.endswith("\n") else "\n") + GITHUB_HOST_KEY + "\n")
+
+
 def fetch_env(*, key_file: Path | None, token: str | None, known_hosts: Path) -> dict[str, str]:
     """The environment for fetching from a deployment's `fetch_url`.
 

@@ -341,3 +341,17 @@ async def test_api_answers_401_to_undecodable_tokens(tmp_path: Path) -> None:
         assert resp.status == 401
     finally:
         await client.close()
+
+
+def test_github_host_key_is_pinned_once(tmp_path: Path) -> None:
+    known = tmp_path / "state" / "known_hosts"
+    git.seed_known_hosts(known)
+    known.write_text(known.read_text() + "[127.0.0.1]:2222 ssh-ed25519 AAAAother")
+    git.seed_known_hosts(known)
+    lines = known.read_text().splitlines()
+    assert lines.count(git.GITHUB_HOST_KEY) == 1 and len(lines) == 2
+    # ssh itself accepts the line as github.com's key.
+    import subprocess
+    found = subprocess.run(["ssh-keygen", "-F", "github.com", "-f", str(known)],
+                           capture_output=True, text=True, check=False)
+    assert found.returncode == 0 and "ssh-ed25519" in found.stdout

@@ -57,10 +57,10 @@ async def run(ctx: DeployContext) -> str:
         dep = ctx.deployment
         if not dep.fetch_url:
             raise GitError(f"deployment {dep.name} has no fetch_url to fetch the commit from.")
+        known_hosts = ctx.services.settings.server.state_dir / "known_hosts"
+        await asyncio.to_thread(git.seed_known_hosts, known_hosts)
         env = git.fetch_env(
-            key_file=dep.fetch_key_file,
-            token=dep.fetch_token,
-            known_hosts=ctx.services.settings.server.state_dir / "known_hosts",
+            key_file=dep.fetch_key_file, token=dep.fetch_token, known_hosts=known_hosts
         )
         t0 = time.monotonic()
         if await asyncio.to_thread(git.fetch_remote, req.repo, dep.fetch_url, req.commit, env):
