@@ -60,7 +60,7 @@ class Receiver:
         options = [str(o) for o in request.get("options") or []]
         plan = pushrules.decide(updates, dep.branch, options)
         object_env = _object_env(repo, request.get("env"))
-        subject = git.subject(repo, plan.commit, object_env)
+        subject = await asyncio.to_thread(git.subject, repo, plan.commit, object_env)
         deploy = DeployRequest(
             deployment=dep,
             repo=repo,

@@ -68,6 +68,7 @@ class Daemon:
         self.pipeline.observers.append(self.statuses.observe)
         self.notifier = Notifier(dict(os.environ))
         self.stopping = asyncio.Event()
+        self.refreshing: set[asyncio.Task[None]] = set()
 
     @property
     def settings(self) -> config_mod.Settings:
@@ -166,9 +167,20 @@ class Daemon:
             )
         self.ssh.load_keys(settings)
         self.services.settings = settings
-        for dep in settings.deployments:
-            repos.ensure(settings.server.state_dir, dep.name, dep.branch, refresh=True)
+        # The repositories' hooks and HEADs are refreshed off the event loop.
+        task = asyncio.get_running_loop().create_task(self._refresh_repos(settings))
+        self.refreshing.add(task)
+        task.add_done_callback(self.refreshing.discard)
         log.info("reloaded: %d deployments, %d keys", len(settings.deployments), len(self.ssh.keys))
+
+    async def _refresh_repos(self, settings: config_mod.Settings) -> None:
+        for dep in settings.deployments:
+            try:
+                await asyncio.to_thread(
+                    repos.ensure, settings.server.state_dir, dep.name, dep.branch, True
+                )
+            except DeploydError as exc:
+                log.error("reload: repository of %s: %s", dep.name, exc.message)
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_seconds / 2
