@@ -153,13 +153,7 @@ def deploy(
         settings, _records(settings), Images(settings.docker.host, settings.registry)
     )
     services.images.ping()
-    try:
-        outcome = asyncio.run(_until_signalled(Pipeline(services), request))
-    except KeyboardInterrupt:
-        click.echo("deployd: cancelled; the deploy is recorded as cancelled.", err=True)
-        sys.exit(1)
-    _print_outcome(outcome.record, as_json)
-    sys.exit(outcome.exit_code)
+    _run_and_exit(services, request, "deploy", as_json)
 
 
 @main.command("deploys")
@@ -249,13 +243,7 @@ def rollback(
     rollbacks.check_versions(records, dep, rec, force)
     request = rollbacks.request(settings, dep, rec, trigger="cli", actor=_actor(), force=force)
     services = Services(settings, records, Images(settings.docker.host, settings.registry))
-    try:
-        outcome = asyncio.run(_until_signalled(Pipeline(services), request))
-    except KeyboardInterrupt:
-        click.echo("deployd: cancelled; the rollback is recorded as cancelled.", err=True)
-        sys.exit(1)
-    _print_outcome(outcome.record, as_json)
-    sys.exit(outcome.exit_code)
+    _run_and_exit(services, request, "rollback", as_json)
 
 
 @main.command()
@@ -305,6 +293,17 @@ async def _cluster_status(
         return await cluster.running(dep)
     finally:
         await cluster.close()
+
+
+def _run_and_exit(services: Services, request: DeployRequest, what: str, as_json: bool) -> None:
+    """Run a deploy in the foreground; print its record; exit with its code."""
+    try:
+        outcome = asyncio.run(_until_signalled(Pipeline(services), request))
+    except KeyboardInterrupt:
+        click.echo(f"deployd: cancelled; the {what} is recorded as cancelled.", err=True)
+        sys.exit(1)
+    _print_outcome(outcome.record, as_json)
+    sys.exit(outcome.exit_code)
 
 
 def _print_outcome(rec: dict[str, Any], as_json: bool) -> None:

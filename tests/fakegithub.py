@@ -7,13 +7,13 @@ Retry-After), one per request, to exercise deployd's retries.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.threadserver import ThreadServer
 
 
 @dataclass
@@ -34,9 +34,7 @@ class FakeGitHub:
     calls: list[Call] = field(default_factory=list)
     faults: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     port: int = 0
-    _loop: asyncio.AbstractEventLoop | None = None
-    _runner: web.AppRunner | None = None
-    _thread: threading.Thread | None = None
+    _server: ThreadServer | None = None
 
     @property
     def url(self) -> str:
@@ -57,33 +55,15 @@ class FakeGitHub:
         return web.json_response({"id": len(self.calls), **body}, status=201)
 
     def start(self) -> FakeGitHub:
-        ready = threading.Event()
-
-        def main() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_post("/repos/{owner}/{repo}/statuses/{sha}", self._status)
-            self._runner = web.AppRunner(app, access_log=None)
-            loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=main, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        app = web.Application()
+        app.router.add_post("/repos/{owner}/{repo}/statuses/{sha}", self._status)
+        self._server = ThreadServer(app).start()
+        self.port = self._server.port
         return self
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._server is not None:
+            self._server.stop()
 
     def statuses(self, sha: str) -> list[Call]:
         """Requests for commit `sha` that the fake accepted, in order."""

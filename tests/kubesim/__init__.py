@@ -13,14 +13,12 @@ import base64
 import datetime
 import ipaddress
 import json
-import socket
 import ssl
 import threading
 from pathlib import Path
 
-from aiohttp import web
-
 from tests.kubesim.server import Fault, Sim
+from tests.threadserver import ThreadServer
 
 __all__ = ["Fault", "KubeSim", "Sim"]
 
@@ -46,8 +44,7 @@ class KubeSim:
         self.root, self.tls, self.token, self.namespace = root, tls, token, namespace
         self.port = 0
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
+        self._server: ThreadServer | None = None
         self.kubeconfig = root / "kubeconfig"
         self.ca = root / "kubesim-ca.crt"
 
@@ -58,28 +55,8 @@ class KubeSim:
     def start(self, port: int = 0) -> KubeSim:
         self.root.mkdir(parents=True, exist_ok=True)
         context = _tls_context(self.root) if self.tls else None
-        self.port = port
-        if not port:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                self.port = s.getsockname()[1]
-        ready = threading.Event()
-
-        def main() -> None:
-            loop = asyncio.new_event_loop()
-            self.loop = loop
-            self._runner = web.AppRunner(self.sim.app(), access_log=None)
-            loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=context)
-            loop.run_until_complete(site.start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=main, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        self._server = ThreadServer(self.sim.app(), port, context).start()
+        self.port, self.loop = self._server.port, self._server.loop
         self.write_kubeconfig(self.kubeconfig, self.token)
         return self
 
@@ -128,10 +105,8 @@ class KubeSim:
         return out[0]
 
     def stop(self) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._server is not None:
+            self._server.stop()
 
 
 def _tls_context(root: Path) -> ssl.SSLContext:
