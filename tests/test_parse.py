@@ -123,6 +123,17 @@ def test_project_mode_without_the_file_is_refused(tmp_path: Path, testenv: Infra
     assert rec is not None and "has no .astro/test_dag_integrity_default.py" in rec["error"]
 
 
+def test_a_customised_file_without_tests_says_so(tmp_path: Path, testenv: Infra,
+                                                 make_deployd: Any) -> None:
+    d = make_deployd({"name": "it-notests", "image": repo_for(testenv, "it-notests")})
+    project = make_project(tmp_path / "p", testenv.airflow_image, files={
+        ".astro/test_dag_integrity_default.py": '"""Our own checks, to come."""\n'})
+    proc, rec = deploy(d, project, "it-notests")
+    assert proc.returncode == 1
+    assert rec is not None and ".astro/test_dag_integrity_default.py has no tests, so it " \
+        "cannot pass" in rec["error"]
+
+
 AIRFLOW2_DAGS = {
     "classic.py": '''\
 from datetime import datetime

@@ -90,6 +90,11 @@ async def _project_test(ctx: DeployContext) -> tuple[str, str]:
     summary = f"{integrity.PROJECT_TEST}: {outcome or f'exit status {run.exit_code}'}"
     if run.exit_code == 0:
         return summary, ""
+    if run.exit_code == 5:  # pytest: no tests collected
+        return summary, (
+            f"{integrity.PROJECT_TEST} has no tests, so it cannot pass; add one, or set "
+            'integrity_test = "builtin" to rely on deployd\'s check alone.'
+        )
     shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
     return summary, f"{integrity.PROJECT_TEST} failed: {shown or outcome or 'see the log'}."
 
