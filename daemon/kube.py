@@ -530,6 +530,21 @@ class Cluster:
         return verdict
 
 
+def _status_of(exc: httpx2.HTTPStatusError) -> tuple[int, str, str]:
+    """(code, reason, message) of an error answer, from its Status body if it has one."""
+    code = exc.response.status_code
+    status = getattr(exc, "status", None)  # lightkube's ApiError parsed it already
+    if status is not None:
+        return code, status.reason or "", status.message or f"HTTP {code}"
+    try:
+        body = exc.response.json()
+    except (ValueError, httpx2.HTTPError):
+        body = None
+    if isinstance(body, dict) and body.get("kind") == "Status":
+        return code, str(body.get("reason") or ""), str(body.get("message") or f"HTTP {code}")
+    return code, "", f"HTTP {code}"
+
+
 RETRIED = {409: "Conflict", 429: "", 500: "", 502: "", 503: "", 504: ""}
 ATTEMPTS = 4
 
@@ -545,10 +560,8 @@ async def _with_retries(doing: str, call: Callable[[], Awaitable[T]]) -> T:
         last = attempt == ATTEMPTS - 1
         try:
             return await call()
-        except ApiError as exc:
-            code = exc.status.code if exc.status is not None else 0
-            reason = (exc.status.reason if exc.status is not None else "") or ""
-            message = exc.status.message if exc.status is not None else str(exc)
+        except httpx2.HTTPStatusError as exc:  # lightkube's ApiError is one, when it parsed
+            code, reason, message = _status_of(exc)
             if code not in RETRIED or (RETRIED[code] and reason != RETRIED[code]) or last:
                 raise ClusterError(f"Kubernetes refused {doing}: {message}", reason=reason) from exc
         except (httpx2.TransportError, httpx2.TimeoutException) as exc:

@@ -523,3 +523,39 @@ def test_statefulsets_stuck_or_draining(tmp_path: Path, testenv: Infra, sim: Kub
                               "json").stdout)["items"]
     assert {c["image"] for p in pods for c in p["status"]["containerStatuses"]} == \
         {f"{image}:before"}
+
+
+def test_api_faults_are_retried_and_refusals_are_clear(tmp_path: Path, testenv: Infra,
+                                                       sim: KubeSim) -> None:
+    from tests.kubesim import Fault
+
+    d, image = deployd_for(tmp_path, testenv, sim, "faults",
+                           workloads=["deployment/airflow-scheduler"], worker_workloads=[])
+    create(sim, tmp_path, scheduler(f"{image}:before"))
+    wait_rolled(sim, "deployment/airflow-scheduler")
+    target = "/deployments/airflow-scheduler"
+    sim.call(sim.sim.faults.extend, [
+        Fault(status=500, count=1, path=target, method="GET"),      # a read fails once
+        Fault(status=409, count=1, path=target, method="PATCH"),    # the patch conflicts
+        Fault(status=503, count=1, path=target, method="PATCH"),    # then the server is busy
+        Fault(status=0, drop_watch_after=1, count=2, path="/deployments"),  # watches drop
+    ])
+    before = len(sim.sim.requests)
+    proc, rec = deploy(d, make_project(tmp_path / "p", testenv.airflow_image), "faults")
+    assert proc.returncode == 0, proc.stderr
+    assert rec["state"] == "succeeded"
+    patches = [p for m, p in sim.sim.requests[before:] if m == "PATCH" and target in p]
+    assert len(patches) == 3  # 409, 503, then accepted
+    assert sim.sim.faults == []
+    # 401: a token the cluster does not know fails at once, naming the refusal.
+    tls = KubeSim(tmp_path / "tls", tls=True, token="good").start()
+    try:
+        tls.write_kubeconfig(tls.kubeconfig, "stale-token")
+        (tmp_path / "second").mkdir()
+        d2, _ = deployd_for(tmp_path / "second", testenv, tls, "faults",
+                            workloads=["deployment/airflow-scheduler"], worker_workloads=[])
+        proc, rec = deploy(d2, make_project(tmp_path / "p2", testenv.airflow_image), "faults")
+        assert proc.returncode == 4 and rec["step"] == "preflight"
+        assert "Kubernetes refused checking permissions: Unauthorized" in rec["error"]
+    finally:
+        tls.stop()

@@ -90,22 +90,23 @@ class Sim:
         if self.latency:
             await asyncio.sleep(self.latency)
         for fault in list(self.faults):
-            if fault.path in request.path and fault.method in ("", request.method):
-                if fault.drop_watch_after is not None and request.query.get("watch"):
-                    request[DROP_AFTER] = fault.drop_watch_after
-                    fault.count -= 1
-                elif fault.drop_watch_after is None:
-                    fault.count -= 1
-                    if fault.delay:
-                        await asyncio.sleep(fault.delay)
-                    if fault.status:
-                        if fault.count <= 0:
-                            self.faults.remove(fault)
-                        err = ApiError(fault.status, _reason(fault.status), "injected fault")
-                        return web.json_response(err.status(), status=fault.status)
-                if fault.count <= 0:
-                    self.faults.remove(fault)
+            if fault.path not in request.path or fault.method not in ("", request.method):
+                continue
+            is_watch = bool(request.query.get("watch"))
+            if (fault.drop_watch_after is not None) != is_watch:
+                continue  # a watch fault waits for a watch, a status fault for a request
+            fault.count -= 1
+            if fault.count <= 0:
+                self.faults.remove(fault)
+            if fault.drop_watch_after is not None:
+                request[DROP_AFTER] = fault.drop_watch_after
                 break
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.status:
+                err = ApiError(fault.status, _reason(fault.status), "injected fault")
+                return web.json_response(err.status(), status=fault.status)
+            break
         try:
             # Discovery and /version are open to everyone, as RBAC's system:discovery makes them.
             open_path = request.path.rstrip("/") in _DISCOVERY or request.path == "/version"
