@@ -91,6 +91,11 @@ def plan(
     )
 
 
+def version_key(text: str | None) -> tuple[int, ...]:
+    """An Airflow version ("3.3.2") as a tuple that orders like versions."""
+    return tuple(int(p) for p in (text or "").split(".")[:3] if p.isdecimal())
+
+
 def image_tag(template: str, *, deploy_id: int, commit: str, when: datetime) -> str:
     """Render a deployment's tag_template for one deploy (unique: it contains {id})."""
     return template.format(

@@ -62,6 +62,11 @@ def managers(meta: dict[str, Any]) -> list[str]:
     return out
 
 
+def _selector(obj: dict[str, Any]) -> dict[str, str]:
+    """A workload's pod selector (matchLabels)."""
+    return dict(((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {})
+
+
 def repository(image: str) -> str:
     """`registry/path` of an image reference, without tag or digest."""
     name = image.split("@", 1)[0]
@@ -245,7 +250,7 @@ class Cluster:
             template = (obj.get("spec") or {}).get("template") or {}
             annotations = (template.get("metadata") or {}).get("annotations") or {}
             containers = (template.get("spec") or {}).get("containers") or []
-            selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+            selector = _selector(obj)
             pods = [p.to_dict() for p in await self._pods(workload, selector)]
             images: dict[str, int] = {}
             for pod in pods:
@@ -270,7 +275,7 @@ class Cluster:
     async def draining(self, workload: Workload) -> int:
         """How many of the workload's pods are terminating (workers finishing their tasks)."""
         obj = await self.get(workload)
-        selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        selector = _selector(obj)
         pods = await self._pods(workload, selector)
         return sum(
             1 for p in pods if p.metadata is not None and p.metadata.deletionTimestamp is not None
@@ -456,7 +461,7 @@ class Cluster:
 
     async def _delete_stuck_pods(self, workload: Workload, revision: str) -> None:
         obj = await self.get(workload)
-        selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        selector = _selector(obj)
         for pod in await self._pods(workload, selector):
             meta = pod.metadata
             if meta is None or meta.name is None or meta.deletionTimestamp is not None:

@@ -49,7 +49,7 @@ def check_versions(records: Records, dep: Deployment, rec: dict[str, Any], force
     current = records.last_succeeded(dep.name)
     now = ((current or {}).get("report") or {}).get("airflow_version")
     then = (rec.get("report") or {}).get("airflow_version")
-    if now and then and _version(then) < _version(now) and not force:
+    if now and then and deploys.version_key(then) < deploys.version_key(now) and not force:
         raise UsageError(
             f"deploy #{rec['id']} runs Airflow {then}, the deployment runs {now}: "
             "the database was migrated by the newer version. Roll forward instead, "
@@ -77,10 +77,6 @@ def request(
         options=Options(force=force, description=f"rollback to deploy #{rec['id']}"),
         rollback_to=rec,
     )
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".")[:3] if p.isdecimal())
 
 
 def _image(rec: dict[str, Any]) -> tuple[str, str]:

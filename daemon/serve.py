@@ -110,7 +110,6 @@ class Daemon:
             log.info("stopping: no new connections; waiting for %d deploy(s)", len(self.running))
             self.notifier.send("STOPPING=1", "STATUS=stopping")
             acceptor.close()
-            self.webhooks.holding = True
             self.pipeline.stopping = True
             await self.drain(settings.server.shutdown_grace_seconds)
             await self.hooks.close()

@@ -147,9 +147,6 @@ class Webhooks:
         self.records = records
         self.pipeline = pipeline
         self.running: set[asyncio.Task[Any]] = set()
-        # Set while the daemon stops: deliveries are still recorded and their
-        # deploys queued, but they start only when the daemon starts again.
-        self.holding = False
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one delivery."""
@@ -244,7 +241,7 @@ class Webhooks:
 
     def start(self, request: DeployRequest, deploy_id: int) -> None:
         """Run a queued webhook deploy in the background (unless the daemon is stopping)."""
-        if self.holding:
+        if self.pipeline.stopping:  # recorded queued: the next daemon runs it
             return
         task = asyncio.create_task(self._deploy(request, deploy_id))
         self.running.add(task)

@@ -61,6 +61,11 @@ def testenv() -> Infra:
     if not ENV_FILE.is_file():
         pytest.fail(f"{ENV_FILE} is missing: run `bash scripts/testenv.sh up` first "
                     "(scripts/test.sh does).")
+    return read_infra()
+
+
+def read_infra() -> Infra:
+    """The test environment scripts/testenv.sh wrote (tests and benchmarks)."""
     values = dict(line.split("=", 1) for line in ENV_FILE.read_text().splitlines() if "=" in line)
     return Infra(
         docker_host=values["DOCKER_HOST"],

@@ -151,10 +151,6 @@ async def reconcile(services: Services, deployment: str, deploy_id: int) -> None
     records.update(deploy_id, error=f"{rec['error']} At recovery, {shows}.")
 
 
-def _version(text: str | None) -> tuple[int, ...]:
-    return tuple(int(p) for p in (text or "").split(".")[:3] if p.isdecimal())
-
-
 async def _migrate(ctx: DeployContext, ref: str) -> None:
     """On an Airflow upgrade (or the first deploy), `airflow db migrate` runs first as a Job.
 
@@ -169,7 +165,7 @@ async def _migrate(ctx: DeployContext, ref: str) -> None:
     running = ((last or {}).get("report") or {}).get("airflow_version")
     if not new or new == running:
         return
-    if running and _version(new) < _version(running):
+    if running and deploys.version_key(new) < deploys.version_key(running):
         ctx.say(f"       Airflow {running} -> {new} (forced rollback): no migration", "roll")
         return
     source = next((t for t in ctx.targets if "scheduler" in t.workload.name), ctx.targets[0])
