@@ -22,15 +22,17 @@ from typing import Any, TypeVar
 import click
 
 from daemon import config as config_mod
-from daemon import deploys, git, names, rollbacks, views
-from daemon.context import DeployRequest, Services
-from daemon.deploys import Options
+from daemon import names, views
+from daemon.adapters import git
+from daemon.adapters.images import Images
+from daemon.adapters.locks import DeploymentLock
+from daemon.adapters.records import Records
+from daemon.core import deploys, rollbacks
+from daemon.core.context import DeployRequest, Services
+from daemon.core.deploys import Options
+from daemon.core.pipeline import DeployOutcome, Pipeline
+from daemon.core.recovery import recover
 from daemon.errors import DeploydError, UsageError
-from daemon.images import Images
-from daemon.locks import DeploymentLock
-from daemon.pipeline import DeployOutcome, Pipeline
-from daemon.records import Records
-from daemon.recovery import recover
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -286,7 +288,7 @@ def status(ctx: click.Context, config_path: str | None, deployment: str, as_json
 async def _cluster_status(
     settings: config_mod.Settings, dep: config_mod.Deployment
 ) -> list[dict[str, Any]]:
-    from daemon.kube import Cluster
+    from daemon.adapters.kubernetes.cluster import Cluster
 
     cluster = Cluster(settings.kubernetes, dep.namespace)
     try:

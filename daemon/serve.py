@@ -21,22 +21,23 @@ from typing import Any
 from aiohttp import web
 
 from daemon import config as config_mod
-from daemon import repos, sshd
-from daemon import web as web_mod
-from daemon.api import Api
-from daemon.context import Services
+from daemon.adapters import repos
+from daemon.adapters.github import StatusReporter
+from daemon.adapters.images import Images
+from daemon.adapters.locks import DeploymentLock
+from daemon.adapters.records import Records
+from daemon.core.context import Services
+from daemon.core.pipeline import HOLD_LOCK_SECONDS, Pipeline
+from daemon.core.recovery import recover
 from daemon.errors import DeploydError
-from daemon.github import StatusReporter
-from daemon.hookline import HookServer
-from daemon.images import Images
-from daemon.locks import DeploymentLock
-from daemon.notify import Notifier
-from daemon.pipeline import HOLD_LOCK_SECONDS, Pipeline
-from daemon.receive import Receiver
-from daemon.records import Records
-from daemon.recovery import recover
+from daemon.http import app as web_mod
+from daemon.http.api import Api
+from daemon.http.webhooks import Webhooks
+from daemon.ssh import server as sshd
+from daemon.ssh.hookline import HookServer
+from daemon.ssh.receive import Receiver
 from daemon.steps import roll
-from daemon.webhooks import Webhooks
+from daemon.systemd import Notifier
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from daemon import deploys
+from daemon.core import deploys
 
 
 def when(ts: float | None) -> str:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from daemon.checker import PARSE_DAGS
+from daemon.steps.checks.checker import PARSE_DAGS
 
 
 def load() -> ModuleType:

@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from daemon import deploys
 from daemon.config import Deployment, Workload
-from daemon.deploys import Options, TransitionError
+from daemon.core import deploys
+from daemon.core.deploys import Options, TransitionError
 
 
 def test_allowed_transitions() -> None:

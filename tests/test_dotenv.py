@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon import dotenv
+from daemon.steps.checks import dotenv
 
 
 def test_assignments_comments_quotes_and_export() -> None:

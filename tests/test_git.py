@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import git
+from daemon.adapters import git
 from daemon.errors import DirtyWorkTree, UsageError
 from tests.projects import commit_all, make_project
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from daemon.adapters.images import Images, Sandbox
 from daemon.config import RegistrySettings
-from daemon.images import Images, Sandbox
 from tests.conftest import Infra
 
 pytestmark = pytest.mark.integration

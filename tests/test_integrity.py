@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import integrity
+from daemon.steps.checks import integrity
 from tests.projects import GENERATED_INTEGRITY_TEST
 
 CUSTOM = '''"""Our own DAG rules."""

@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.locks import DeploymentLock
+from daemon.adapters.locks import DeploymentLock
 
 HOLD = """
 import asyncio, sys, time
 from pathlib import Path
-from daemon.locks import DeploymentLock
+from daemon.adapters.locks import DeploymentLock
 state, ticket, hold, out = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 lock = DeploymentLock(state, "prod")
 asyncio.run(lock.acquire(ticket))

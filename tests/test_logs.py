@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from daemon import logs
-from daemon.deploys import Options
-from daemon.logs import DeployLog
-from daemon.records import Records
+from daemon.adapters.records import Records
+from daemon.core import logs
+from daemon.core.deploys import Options
+from daemon.core.logs import DeployLog
 
 
 def make(tmp_path: Path) -> tuple[Records, int]:

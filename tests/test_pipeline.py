@@ -257,7 +257,7 @@ def test_pytest_failures_block_even_with_force(tmp_path: Path, testenv: Infra,
 
 
 def _artifact(d: Deployd, deploy_id: int, name: str) -> str:
-    from daemon.records import Records
+    from daemon.adapters.records import Records
 
     content = Records(d.state_dir / "deployd.db").artifact(deploy_id, name)
     assert content is not None, f"no {name} kept with deploy #{deploy_id}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.pushrules import (
+from daemon.ssh.pushrules import (
     ZERO,
     Command,
     RefUpdate,

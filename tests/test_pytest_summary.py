@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.steps.pytest import counts, short_failure
+from daemon.steps.checks.pytest import counts, short_failure
 
 
 def test_summary_counts() -> None:

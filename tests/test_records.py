@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import deploys
-from daemon.deploys import Options, TransitionError
-from daemon.records import SCHEMA_VERSION, Records
+from daemon.adapters.records import SCHEMA_VERSION, Records
+from daemon.core import deploys
+from daemon.core.deploys import Options, TransitionError
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_one_records_object_is_safe_across_threads(tmp_path: Path) -> None:
     # reads in threads must not interleave with a transaction on the loop's thread.
     import threading
 
-    from daemon.deploys import Options
+    from daemon.core.deploys import Options
 
     records = Records(tmp_path / "d.db")
     errors: list[BaseException] = []

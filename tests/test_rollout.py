@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from daemon import rollout
+from daemon.adapters.kubernetes import rules as rollout
 from tests.conftest import Deployd, Infra
 from tests.kubesim import KubeSim
 from tests.projects import make_project

@@ -12,13 +12,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from daemon import config, git
-from daemon.api import Api
-from daemon.deploys import Options
+from daemon import config
+from daemon.adapters import git
+from daemon.adapters.github import retry_after, status_for
+from daemon.adapters.records import Records
+from daemon.core.deploys import Options
 from daemon.errors import GitError
-from daemon.github import retry_after, status_for
-from daemon.records import Records
-from daemon.webhooks import decide, signature_ok
+from daemon.http.api import Api
+from daemon.http.webhooks import decide, signature_ok
 
 SHA = "a" * 40
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from daemon.background import run_abandonable
-from daemon.context import DeployContext
+from daemon.adapters.background import run_abandonable
+from daemon.core.context import DeployContext
 
 
 def build_tag(ctx: DeployContext) -> str:

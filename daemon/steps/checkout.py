@@ -11,8 +11,8 @@ import os
 import time
 from pathlib import Path
 
-from daemon import git
-from daemon.context import DeployContext
+from daemon.adapters import git
+from daemon.core.context import DeployContext
 from daemon.errors import CheckError, GitError
 
 # Files deployd itself reads or writes in the checkout: never through a link.

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from daemon import deploys
-from daemon.background import run_abandonable
-from daemon.context import DeployContext
-from daemon.images import STAGING_TAG
+from daemon.adapters.background import run_abandonable
+from daemon.adapters.images import STAGING_TAG
+from daemon.core import deploys
+from daemon.core.context import DeployContext
 
 
 async def upload(ctx: DeployContext) -> str:

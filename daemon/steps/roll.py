@@ -16,17 +16,18 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from daemon import deploys, rollout
-from daemon.context import DeployContext, Services
+from daemon.adapters.kubernetes import rules as rollout
+from daemon.core import deploys
+from daemon.core.context import DeployContext, Services
 from daemon.errors import DeploydError, RolledBack
 
-if TYPE_CHECKING:  # daemon.kube (lightkube) is imported only by deploys that roll
-    from daemon.kube import Target
+if TYPE_CHECKING:  # daemon.adapters.kubernetes (lightkube) is imported only by deploys that roll
+    from daemon.adapters.kubernetes.cluster import Target
 
 
 async def preflight(ctx: DeployContext) -> str:
     """Check the cluster before anything is built; keep the targets for the roll."""
-    from daemon.kube import Cluster
+    from daemon.adapters.kubernetes.cluster import Cluster
 
     dep = ctx.deployment
     cluster = Cluster(ctx.services.settings.kubernetes, dep.namespace)
@@ -43,7 +44,7 @@ async def preflight(ctx: DeployContext) -> str:
 
 async def run(ctx: DeployContext) -> str:
     """Patch every workload to the new image, wait, and roll back on failure."""
-    from daemon.kube import ANNOTATION_COMMIT, ANNOTATION_DEPLOY
+    from daemon.adapters.kubernetes.cluster import ANNOTATION_COMMIT, ANNOTATION_DEPLOY
 
     dep, cluster, targets = ctx.deployment, ctx.cluster, ctx.targets
     assert cluster is not None, "preflight runs before roll"
@@ -124,7 +125,7 @@ async def reconcile(services: Services, deployment: str, deploy_id: int) -> None
     rec = records.get(deploy_id)
     if rec is None or rec["step"] != "roll" or rec["state"] != deploys.INTERRUPTED:
         return
-    from daemon.kube import Cluster
+    from daemon.adapters.kubernetes.cluster import Cluster
 
     dep = services.settings.deployment(deployment)
     cluster = Cluster(services.settings.kubernetes, dep.namespace)

@@ -1,7 +1,7 @@
 """Adapter to the Kubernetes API (lightkube, async): preflight, patch, watch, roll back.
 
 Workloads are read and written as plain dicts; what "done" means lives in
-daemon/rollout.py. API and connection errors become DeploydErrors with the
+daemon/adapters/kubernetes/rules.py. API and connection errors become DeploydErrors with the
 API server's own message: an unreachable cluster is DependencyUnreachable,
 a refusal (RBAC, missing object) is ClusterError; both exit 4.
 """
@@ -27,7 +27,7 @@ from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Pod
 from lightkube.types import CascadeType, PatchType
 
-from daemon import rollout
+from daemon.adapters.kubernetes import rules as rollout
 from daemon.config import Deployment, KubernetesSettings, Workload
 from daemon.errors import ClusterError, DependencyUnreachable
 

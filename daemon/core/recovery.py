@@ -15,11 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
-from daemon import deploys
+from daemon.adapters.images import LABEL_DEPLOYMENT, Images
+from daemon.adapters.locks import DeploymentLock
+from daemon.adapters.records import Records
+from daemon.core import deploys
 from daemon.errors import DeploydError
-from daemon.images import LABEL_DEPLOYMENT, Images
-from daemon.locks import DeploymentLock
-from daemon.records import Records
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from daemon.records import Records
+from daemon.adapters.records import Records
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,13 @@ from typing import Any
 
 import asyncssh
 
-from daemon import names, pushrules, repos, rollbacks, views
+from daemon import names, views
+from daemon.adapters import repos
+from daemon.adapters.records import Records
 from daemon.config import Deployment, Key, Settings
+from daemon.core import rollbacks
 from daemon.errors import DeploydError
-from daemon.records import Records
+from daemon.ssh import pushrules
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +243,7 @@ async def _status(state: SSHState, key: Key, command: pushrules.Command) -> list
     records = state.records
     cluster: list[dict[str, Any]] | str = []
     if dep.workloads:
-        from daemon.kube import Cluster
+        from daemon.adapters.kubernetes.cluster import Cluster
 
         kube = None
         try:

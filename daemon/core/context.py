@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.adapters.images import Images
+from daemon.adapters.records import Records
 from daemon.config import Deployment, Settings
-from daemon.deploys import Options
-from daemon.images import Images
-from daemon.logs import DeployLog
-from daemon.records import Records
+from daemon.core.deploys import Options
+from daemon.core.logs import DeployLog
 
 if TYPE_CHECKING:  # lightkube costs ~60 ms to import: only deploys that roll load it
-    from daemon.kube import Cluster, Target
+    from daemon.adapters.kubernetes.cluster import Cluster, Target
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class DeployContext:
     @property
     def labels(self) -> dict[str, str]:
         """Labels that mark every image and container of this deploy."""
-        from daemon.images import LABEL_COMMIT, LABEL_DEPLOY_ID, LABEL_DEPLOYMENT
+        from daemon.adapters.images import LABEL_COMMIT, LABEL_DEPLOY_ID, LABEL_DEPLOYMENT
 
         return {
             LABEL_DEPLOYMENT: self.deployment.name,

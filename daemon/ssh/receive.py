@@ -14,12 +14,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from daemon import git, pushrules, repos
-from daemon.context import DeployRequest
+from daemon.adapters import git, repos
+from daemon.core.context import DeployRequest
+from daemon.core.pipeline import Pipeline
 from daemon.errors import DeploydError
-from daemon.hookline import Say
-from daemon.pipeline import Pipeline
-from daemon.sshd import SSHState
+from daemon.ssh import pushrules
+from daemon.ssh.hookline import Say
+from daemon.ssh.server import SSHState
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import sqlite_utils
 
-from daemon import deploys
-from daemon.deploys import Options
+from daemon.core import deploys
+from daemon.core.deploys import Options
 
 SCHEMA_VERSION = 3
 

@@ -19,10 +19,11 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import deploys, names
+from daemon import names
+from daemon.adapters.records import Records
 from daemon.config import Settings
+from daemon.core import deploys
 from daemon.errors import DeploydError
-from daemon.records import Records
 
 POLL_SECONDS = 0.2
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

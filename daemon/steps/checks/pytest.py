@@ -11,9 +11,9 @@ import contextlib
 import json
 import re
 
-from daemon.context import DeployContext
+from daemon.core.context import DeployContext
 from daemon.errors import CheckError
-from daemon.steps import sandbox
+from daemon.steps.checks import sandbox
 
 _SUMMARY = re.compile(
     r"^=*\s*(\d+ (?:passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)"

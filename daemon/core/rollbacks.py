@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon import deploys, repos
+from daemon.adapters import repos
+from daemon.adapters.records import Records
 from daemon.config import Deployment, Settings
-from daemon.context import DeployRequest
-from daemon.deploys import Options
+from daemon.core import deploys
+from daemon.core.context import DeployRequest
+from daemon.core.deploys import Options
 from daemon.errors import UsageError
-from daemon.records import Records
 
 
 def target(records: Records, dep: Deployment, deploy_id: int | None) -> dict[str, Any]:

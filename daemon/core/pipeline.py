@@ -20,14 +20,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from daemon import deploys, git, repos
-from daemon.context import DeployContext, DeployRequest, Services
+from daemon.adapters import git, repos
+from daemon.adapters.images import LABEL_DEPLOY_ID
+from daemon.adapters.locks import DeploymentLock
+from daemon.core import deploys
+from daemon.core.context import DeployContext, DeployRequest, Services
+from daemon.core.logs import DeployLog, Sink
+from daemon.core.recovery import recover, work_root
 from daemon.errors import Cancelled, DeploydError, RolledBack
-from daemon.images import LABEL_DEPLOY_ID
-from daemon.locks import DeploymentLock
-from daemon.logs import DeployLog, Sink
-from daemon.recovery import recover, work_root
-from daemon.steps import build, checkout, parse, push, pytest, roll
+from daemon.steps import build, checkout, push, roll
+from daemon.steps.checks import parse, pytest
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,14 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import deploys, repos
+from daemon.adapters import repos
+from daemon.adapters.records import Records
 from daemon.config import Settings
-from daemon.context import DeployRequest
-from daemon.deploys import Options
+from daemon.core import deploys
+from daemon.core.context import DeployRequest
+from daemon.core.deploys import Options
+from daemon.core.pipeline import Pipeline, preflight, queued_fields
 from daemon.errors import DeploydError
-from daemon.pipeline import Pipeline, preflight, queued_fields
-from daemon.records import Records
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from daemon import names
-from daemon.deploys import Options
+from daemon.core.deploys import Options
 from daemon.errors import DeploydError
 
 ZERO = "0" * 40

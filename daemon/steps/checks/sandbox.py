@@ -6,9 +6,9 @@ import asyncio
 import json
 from typing import Any
 
-from daemon import dotenv
-from daemon.context import DeployContext
-from daemon.images import ContainerRun, Sandbox
+from daemon.adapters.images import ContainerRun, Sandbox
+from daemon.core.context import DeployContext
+from daemon.steps.checks import dotenv
 
 # Finds the image's Python (Astro images have `python`, slim ones `python3`)
 # without a shell string built from input: the arguments pass through "$@".

@@ -17,8 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from daemon import deploys
 from daemon.config import Settings
+from daemon.core import deploys
 
 log = logging.getLogger(__name__)
 

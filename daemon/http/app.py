@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from daemon.api import Api
-from daemon.webhooks import MAX_BODY, Webhooks
+from daemon.http.api import Api
+from daemon.http.webhooks import MAX_BODY, Webhooks
 
 
 async def healthz(request: web.Request) -> web.Response:

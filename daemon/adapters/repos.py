@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from daemon import git, names
+from daemon import names
+from daemon.adapters import git
 
-HOOK_SOURCE = Path(__file__).resolve().parent.parent / "hooks" / "pre-receive"
+HOOK_SOURCE = Path(__file__).resolve().parents[2] / "hooks" / "pre-receive"
 REPO_CONFIG = {
     "receive.advertisePushOptions": "true",
     "receive.denyDeletes": "true",

@@ -1,6 +1,6 @@
 """Parse: import every DAG file Airflow would load, in a container of the new image.
 
-The checker (daemon/checker/parse_dags.py) runs on the image's own Python and
+The checker (daemon/steps/checks/checker/parse_dags.py) runs on the image's own Python and
 prints one JSON report; this step turns it into readable lines, stores it with
 the deploy and fails the deploy on import errors unless `force`. Depending on
 `integrity_test`, the project's own `.astro/test_dag_integrity_default.py`
@@ -13,12 +13,11 @@ import json
 import re
 from typing import Any
 
-from daemon import integrity
-from daemon.checker import PARSE_DAGS, RESULT_MARK
-from daemon.context import DeployContext
+from daemon.core.context import DeployContext
 from daemon.errors import CheckError
-from daemon.steps import sandbox
-from daemon.steps.pytest import PYTEST_ENV, short_failure
+from daemon.steps.checks import integrity, sandbox
+from daemon.steps.checks.checker import PARSE_DAGS, RESULT_MARK
+from daemon.steps.checks.pytest import PYTEST_ENV, short_failure
 
 TRACEBACK_LINES = 12
 _PYTEST_SUMMARY = re.compile(r"^=*\s*(\d+ \w+(, \d+ \w+)*|no tests ran) in [0-9.]+s.*$")
