@@ -11,10 +11,8 @@ import asyncio
 import functools
 import json
 import os
-import pwd
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,15 +21,12 @@ import click
 
 from daemon import config as config_mod
 from daemon import names, views
-from daemon.adapters import git
 from daemon.adapters.images import Images
-from daemon.adapters.locks import DeploymentLock
 from daemon.adapters.records import Records
-from daemon.core import deploys, rollbacks
+from daemon.core import deploys, usecases
 from daemon.core.context import DeployRequest, Services
-from daemon.core.deploys import Options
+from daemon.core.deploys import Deploy, Options
 from daemon.core.pipeline import DeployOutcome, Pipeline
-from daemon.core.recovery import recover
 from daemon.errors import DeploydError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,6 +63,10 @@ def _settings(ctx: click.Context, config_path: str | None) -> config_mod.Setting
 
 def _records(settings: config_mod.Settings) -> Records:
     return Records(settings.server.state_dir / "deployd.db")
+
+
+def _services(settings: config_mod.Settings) -> Services:
+    return Services(settings, _records(settings), Images(settings.docker.host, settings.registry))
 
 
 @click.group()
@@ -141,19 +140,13 @@ def deploy(
     """Build, check and push the HEAD commit of the git repository at PATH."""
     settings = _settings(ctx, config_path)
     dep = settings.deployment(deployment)
-    repo = path.resolve()
-    head = git.head(repo)
-    if not allow_dirty:
-        git.ensure_clean(repo)
     options = Options(
         force=force, pytest=run_pytest, description=description, allow_dirty=allow_dirty
     )
-    request = DeployRequest(
-        dep, repo, head.commit, head.ref, head.subject, "cli", _actor(), options
+    request = usecases.deploy_checkout(
+        dep, path, options, trigger="cli", actor=usecases.local_actor()
     )
-    services = Services(
-        settings, _records(settings), Images(settings.docker.host, settings.registry)
-    )
+    services = _services(settings)
     services.images.ping()
     _run_and_exit(services, request, "deploy", as_json)
 
@@ -172,13 +165,11 @@ def list_deploys(
     settings = _settings(ctx, config_path)
     if deployment is not None:
         settings.deployment(deployment)
-    records = _records(settings)
-    for dep in settings.deployments:
-        if deployment in (None, dep.name):
-            _recover_if_idle(settings, records, dep.name)
-    rows = records.list_deploys(deployment, limit)
+    rows = usecases.history(
+        settings, _records(settings), [deployment] if deployment else None, limit
+    )
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([views.deploy_json(r) for r in rows], indent=2))
         return
     for line in views.deploy_table(rows):
         click.echo(line)
@@ -198,27 +189,14 @@ def logs(
     settings = _settings(ctx, config_path)
     ident = names.deploy_id(deploy_id)
     records = _records(settings)
-    rec = records.get(ident)
-    if rec is None:
+    if records.get(ident) is None:
         raise UsageError(f"there is no deploy #{ident}.")
-    after = 0
-    while True:
-        for row in records.log_lines(ident, after):
-            after = row["id"]
-            click.echo(
-                json.dumps({"ts": row["ts"], "step": row["step"], "line": row["line"]})
-                if as_json
-                else row["line"]
-            )
-        rec = records.get(ident)
-        if not follow or rec is None or rec["state"] in deploys.FINAL_STATES:
-            if follow:
-                for row in records.log_lines(ident, after):
-                    click.echo(row["line"])
-            break
-        if rec["state"] in (deploys.QUEUED, deploys.RUNNING):
-            _recover_if_idle(settings, records, rec["deployment"])
-        time.sleep(0.2)
+
+    async def show() -> None:
+        async for row in usecases.follow_log(records, ident, follow=follow, settings=settings):
+            click.echo(json.dumps(views.log_json(row)) if as_json else row.line)
+
+    asyncio.run(show())
 
 
 @main.command()
@@ -240,11 +218,16 @@ def rollback(
     """Run an earlier successful deploy's image again (default: the one before)."""
     settings = _settings(ctx, config_path)
     dep = settings.deployment(deployment)
-    records = _records(settings)
-    rec = rollbacks.target(records, dep, names.deploy_id(deploy_id) if deploy_id else None)
-    rollbacks.check_versions(records, dep, rec, force)
-    request = rollbacks.request(settings, dep, rec, trigger="cli", actor=_actor(), force=force)
-    services = Services(settings, records, Images(settings.docker.host, settings.registry))
+    services = _services(settings)
+    request = usecases.rollback(
+        settings,
+        services.records,
+        dep,
+        names.deploy_id(deploy_id) if deploy_id else None,
+        trigger="cli",
+        actor=usecases.local_actor(),
+        force=force,
+    )
     _run_and_exit(services, request, "rollback", as_json)
 
 
@@ -258,43 +241,14 @@ def status(ctx: click.Context, config_path: str | None, deployment: str, as_json
     """What is deployed, what is under way, and what the cluster really runs."""
     settings = _settings(ctx, config_path)
     dep = settings.deployment(deployment)
-    records = _records(settings)
-    last, in_flight = records.last_succeeded(dep.name), records.in_flight(dep.name)
-    cluster: list[dict[str, Any]] | str = []
-    if dep.workloads:
-        try:
-            cluster = asyncio.run(_cluster_status(settings, dep))
-        except DeploydError as exc:
-            cluster = f"unreachable: {exc.message}"
+    now = asyncio.run(usecases.status(_services(settings), dep))
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "deployment": dep.name,
-                    "deployed": last,
-                    "in_flight": in_flight,
-                    "cluster": cluster,
-                },
-                indent=2,
-            )
-        )
+        click.echo(json.dumps(views.status_json(now), indent=2))
     else:
-        for line in views.status_lines(dep.name, last, in_flight, cluster):
+        for line in views.status_lines(now):
             click.echo(line)
-    if isinstance(cluster, str):
+    if now.unreachable:
         sys.exit(4)
-
-
-async def _cluster_status(
-    settings: config_mod.Settings, dep: config_mod.Deployment
-) -> list[dict[str, Any]]:
-    from daemon.adapters.kubernetes.cluster import Cluster
-
-    cluster = Cluster(settings.kubernetes, dep.namespace)
-    try:
-        return await cluster.running(dep)
-    finally:
-        await cluster.close()
 
 
 def _run_and_exit(services: Services, request: DeployRequest, what: str, as_json: bool) -> None:
@@ -308,13 +262,13 @@ def _run_and_exit(services: Services, request: DeployRequest, what: str, as_json
     sys.exit(outcome.exit_code)
 
 
-def _print_outcome(rec: dict[str, Any], as_json: bool) -> None:
+def _print_outcome(rec: Deploy, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(rec, indent=2))
-    elif rec["state"] == deploys.SUCCEEDED:
-        click.echo(f"deploy #{rec['id']} succeeded: {rec['image']}:{rec['tag']}@{rec['digest']}")
+        click.echo(json.dumps(views.deploy_json(rec), indent=2))
+    elif rec.state == deploys.SUCCEEDED:
+        click.echo(f"deploy #{rec.id} succeeded: {rec.image_ref}")
     else:
-        click.echo(f"deploy #{rec['id']} {rec['state']}: {rec['error']}")
+        click.echo(f"deploy #{rec.id} {rec.state}: {rec.error}")
 
 
 async def _until_signalled(pipeline: Pipeline, request: DeployRequest) -> DeployOutcome:
@@ -329,27 +283,6 @@ async def _until_signalled(pipeline: Pipeline, request: DeployRequest) -> Deploy
         raise KeyboardInterrupt from None
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
-
-
-def _recover_if_idle(settings: config_mod.Settings, records: Records, deployment: str) -> None:
-    """Mark deploys of a crashed process interrupted, if no deploy holds the lock."""
-    if not records.in_flight(deployment):
-        return
-    lock = DeploymentLock(settings.server.state_dir, deployment)
-    if lock.try_acquire():
-        try:
-            recover(records, None, settings.server.state_dir, deployment, lock)
-        finally:
-            lock.release()
-
-
-def _actor() -> str:
-    try:
-        user = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        user = os.environ.get("USER") or str(os.getuid())
-    host = os.uname().nodename
-    return f"{user}@{host}"[:64]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,11 +1,14 @@
 """The exception tree: one base class, one subclass per failure area.
 
 Each carries the exit code the CLI maps it to (SPEC.md: 0 ok, 1 deploy failed,
-2 usage or config, 3 rolled back, 4 a dependency could not be reached) and the
-facts a person needs to act on it. Messages are full sentences.
+2 usage or config, 3 rolled back, 4 a dependency could not be reached), the
+state a deploy it ends is recorded in, and the facts a person needs to act on
+it. Messages are full sentences.
 """
 
 from __future__ import annotations
+
+from daemon.core import states
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -18,11 +21,11 @@ class DeploydError(Exception):
     """Base of every error deployd raises on purpose."""
 
     exit_code = EXIT_FAILED
+    final_state = states.FAILED
 
-    def __init__(self, message: str, *, detail: str = "") -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.detail = detail
 
     def __str__(self) -> str:
         return self.message
@@ -62,11 +65,11 @@ class DirtyWorkTree(UsageError):
 
 
 class BuildError(DeploydError):
-    """The image build failed; carries the failing instruction and output tail."""
+    """The image build failed; carries the build output's tail."""
 
-    def __init__(self, message: str, *, step: str = "", tail: str = "") -> None:
-        super().__init__(message, detail=tail)
-        self.step = step
+    def __init__(self, message: str, *, tail: str = "") -> None:
+        super().__init__(message)
+        self.tail = tail
 
 
 class CheckError(DeploydError):
@@ -96,8 +99,25 @@ class ClusterError(DeploydError):
 class Cancelled(DeploydError):
     """The deploy was cancelled (its requester went away or asked)."""
 
+    final_state = states.CANCELLED
+
 
 class RolledBack(DeploydError):
     """The rollout failed and the previous image was restored."""
 
     exit_code = EXIT_ROLLED_BACK
+    final_state = states.ROLLED_BACK
+
+
+class StepFailed(DeploydError):
+    """A step of a deploy failed: which step, and the error that stopped it."""
+
+    def __init__(self, step: str, cause: BaseException) -> None:
+        internal = not isinstance(cause, DeploydError)
+        message = f"internal error: {type(cause).__name__}: {cause}" if internal else str(cause)
+        super().__init__(message)
+        self.step = step
+        self.cause = cause
+        if isinstance(cause, DeploydError):
+            self.exit_code = cause.exit_code
+            self.final_state = cause.final_state

@@ -28,7 +28,8 @@ from daemon.adapters.locks import DeploymentLock
 from daemon.adapters.records import Records
 from daemon.core.context import Services
 from daemon.core.pipeline import HOLD_LOCK_SECONDS, Pipeline
-from daemon.core.recovery import recover
+from daemon.core.policy import Lifecycle
+from daemon.core.recovery import reconcile_roll, recover
 from daemon.errors import DeploydError
 from daemon.http import app as web_mod
 from daemon.http.api import Api
@@ -36,7 +37,6 @@ from daemon.http.webhooks import Webhooks
 from daemon.ssh import server as sshd
 from daemon.ssh.hookline import HookServer
 from daemon.ssh.receive import Receiver
-from daemon.steps import roll
 from daemon.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,11 @@ class Daemon:
         self.ssh.pipeline = self.pipeline
         self.hooks = HookServer(state_dir / "hook.sock", self.receiver)
         self.webhooks = Webhooks(lambda: self.services.settings, self.records, self.pipeline)
-        self.api = Api(lambda: self.services.settings, self.records)
+        self.api = Api(lambda: self.services.settings, self.records, self.pipeline.live.get)
         self.statuses = StatusReporter(lambda: self.services.settings)
         self.pipeline.observers.append(self.statuses.observe)
         self.notifier = Notifier(dict(os.environ))
-        self.stopping = asyncio.Event()
+        self.stop_requested = asyncio.Event()
         self.refreshing: set[asyncio.Task[None]] = set()
 
     @property
@@ -80,7 +80,7 @@ class Daemon:
         settings = self.settings
         state_dir = settings.server.state_dir
         for name, gone in await asyncio.to_thread(self._recover_all):
-            await roll.reconcile(self.services, name, gone)
+            await reconcile_roll(self.services, name, gone)
         fingerprint = sshd.ensure_host_key(state_dir / "ssh_host_ed25519_key")
         log.info("SSH host key %s", fingerprint)
         for dep in settings.deployments:
@@ -100,18 +100,18 @@ class Daemon:
             "listening: ssh %s, http %s", settings.server.ssh_listen, settings.server.http_listen
         )
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.notifier.send("READY=1", "STATUS=serving")
         watchdog = asyncio.create_task(self._watchdog())
         try:
-            await self.stopping.wait()
+            await self.stop_requested.wait()
         finally:
             log.info("stopping: no new connections; waiting for %d deploy(s)", len(self.running))
             self.notifier.send("STOPPING=1", "STATUS=stopping")
             acceptor.close()
-            self.pipeline.stopping = True
+            self.pipeline.lifecycle = Lifecycle.DRAINING
             await self.drain(settings.server.shutdown_grace_seconds)
             await self.hooks.close()
             await self.statuses.close(timeout=10)
@@ -137,12 +137,12 @@ class Daemon:
             await asyncio.wait(self.running, timeout=deadline - loop.time())
         if self.running:
             log.warning("interrupting %d deploy(s) after %d s", len(self.running), grace)
-            self.pipeline.shutting_down = True
+            self.pipeline.lifecycle = Lifecycle.INTERRUPTING
             pending = self.running
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=30)
-        self.pipeline.shutting_down = True
+        self.pipeline.lifecycle = Lifecycle.INTERRUPTING
         if self.pipeline.releases:
             await asyncio.wait(set(self.pipeline.releases), timeout=HOLD_LOCK_SECONDS)
 

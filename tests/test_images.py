@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from daemon.adapters.images import Images, Sandbox
+from daemon.adapters.images import Images
 from daemon.config import RegistrySettings
+from daemon.core.ports import Sandbox
 from tests.conftest import Infra
 
 pytestmark = pytest.mark.integration

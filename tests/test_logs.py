@@ -26,9 +26,10 @@ async def test_lines_are_stored_printed_and_streamed(tmp_path: Path) -> None:
     await asyncio.to_thread(log.write, "from a thread", "build")
     log.close()
     got = [await queue.get() for _ in range(3)]
-    assert got == ["hello", "from a thread", None]
+    assert [g.line if g else g for g in got] == ["hello", "from a thread", None]
+    assert [g.id for g in got if g] == [r.id for r in records.log_lines(did)]
     assert printed == ["hello", "from a thread"]
-    assert [r["line"] for r in records.log_lines(did)] == ["hello", "from a thread"]
+    assert [r.line for r in records.log_lines(did)] == ["hello", "from a thread"]
 
 
 def test_floods_keep_head_and_tail(tmp_path: Path) -> None:
@@ -39,7 +40,7 @@ def test_floods_keep_head_and_tail(tmp_path: Path) -> None:
         log.write(f"line {i}", "pytest")
     log.write("x" * 100_000, "other")
     log.end_step("pytest")
-    lines = [r["line"] for r in records.log_lines(did)]
+    lines = [r.line for r in records.log_lines(did)]
     assert lines[0] == "line 0"
     assert lines[-1] == f"line {total - 1}"
     assert any("5000 lines of pytest output not shown" in ln for ln in lines)

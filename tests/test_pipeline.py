@@ -330,7 +330,8 @@ def test_two_processes_deploy_one_after_the_other(tmp_path: Path, testenv: Infra
     for t in threads:
         t.join()
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
-    recs = sorted((json.loads(r.stdout) for r in results), key=lambda r: r["id"])
+    # In the order they got the lock (the order they queued, not always their ids' order).
+    recs = sorted((json.loads(r.stdout) for r in results), key=lambda r: r["started_at"])
     assert recs[0]["finished_at"] <= recs[1]["started_at"]
     waited = next(r for r in results if json.loads(r.stdout)["id"] == recs[1]["id"])
     assert f"queued behind deploy #{recs[0]['id']}" in waited.stderr

@@ -36,17 +36,17 @@ def test_schema_is_versioned_and_wal(records: Records, tmp_path: Path) -> None:
 def test_deploy_lifecycle(records: Records) -> None:
     did = new(records)
     rec = records.get(did)
-    assert rec is not None and rec["state"] == "queued" and rec["options"]["force"] is True
+    assert rec is not None and rec.state == "queued" and rec.options.force is True
     records.plan_steps(did, [("checkout", ""), ("pytest", "skipped: not requested")])
     assert records.transition(did, deploys.QUEUED, deploys.RUNNING)
     records.step_started(did, "checkout")
     assert records.running_steps(did) == ["checkout"]
-    assert records.get(did)["step"] == "checkout"  # type: ignore[index]
+    assert records.get(did).step == "checkout"  # type: ignore[union-attr]
     records.step_finished(did, "checkout", "succeeded", "abc (3 files)")
     assert records.transition(did, deploys.RUNNING, deploys.SUCCEEDED, step=None)
     rec = records.get(did)
-    assert rec is not None and rec["state"] == "succeeded" and rec["finished_at"]
-    assert [(s["name"], s["state"]) for s in rec["steps"]] == [
+    assert rec is not None and rec.state == "succeeded" and rec.finished_at
+    assert [(s.name, s.state) for s in rec.steps] == [
         ("checkout", "succeeded"), ("pytest", "skipped")]
 
 
@@ -55,7 +55,7 @@ def test_transition_is_compare_and_set(records: Records) -> None:
     assert records.transition(did, deploys.QUEUED, deploys.RUNNING)
     # A second writer that still believes the deploy is queued loses.
     assert not records.transition(did, deploys.QUEUED, deploys.CANCELLED)
-    assert records.get(did)["state"] == "running"  # type: ignore[index]
+    assert records.get(did).state == "running"  # type: ignore[union-attr]
 
 
 def test_transition_refuses_illegal_moves(records: Records) -> None:
@@ -70,8 +70,8 @@ def test_ids_grow_and_log_is_ordered(records: Records) -> None:
     records.append_log(a, "build", ["one", "two"])
     records.append_log(a, None, ["three"])
     lines = records.log_lines(a)
-    assert [r["line"] for r in lines] == ["one", "two", "three"]
-    assert [r["line"] for r in records.log_lines(a, after=lines[0]["id"])] == ["two", "three"]
+    assert [r.line for r in lines] == ["one", "two", "three"]
+    assert [r.line for r in records.log_lines(a, after=lines[0].id)] == ["two", "three"]
     assert records.log_lines(b) == []
 
 
@@ -79,8 +79,8 @@ def test_list_and_in_flight(records: Records) -> None:
     a, b = new(records), new(records)
     records.transition(a, deploys.QUEUED, deploys.RUNNING)
     records.transition(a, deploys.RUNNING, deploys.FAILED, error="boom")
-    assert [r["id"] for r in records.in_flight("prod")] == [b]
-    assert [r["id"] for r in records.list_deploys("prod")] == [b, a]
+    assert [r.id for r in records.in_flight("prod")] == [b]
+    assert [r.id for r in records.list_deploys("prod")] == [b, a]
     assert records.list_deploys("other") == []
 
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from daemon import config
+from daemon import config, views
 from daemon.adapters import git
 from daemon.adapters.github import retry_after, status_for
 from daemon.adapters.records import Records
-from daemon.core.deploys import Options
+from daemon.core.deploys import Deploy, Options
 from daemon.errors import GitError
 from daemon.http.api import Api
 from daemon.http.webhooks import decide, signature_ok
@@ -213,9 +213,10 @@ def test_a_failing_deploy_insert_records_no_delivery(tmp_path: Path) -> None:
 # -- commit statuses ---------------------------------------------------------
 
 def _record(state: str, error: str = "", step: str | None = None,
-            tag: str = "t1") -> dict[str, Any]:
-    return {"id": 12, "deployment": "prod", "state": state, "error": error, "tag": tag,
-            "step": step}
+            tag: str = "t1") -> Deploy:
+    return Deploy(id=12, deployment="prod", state=state, trigger="webhook", action="deploy",
+                  actor="github:ada", ref="refs/heads/main", commit="a" * 40, created_at=0.0,
+                  error=error, tag=tag, step=step)
 
 
 @pytest.mark.parametrize(("state", "error", "step", "gh", "text"), [
@@ -293,9 +294,10 @@ async def test_api_answers_with_the_cli_record_shape(tmp_path: Path) -> None:
         deps = await (await client.get("/api/deployments", headers=auth)).json()
         assert [d["name"] for d in deps] == ["prod", "staging", "other"]
         listed = await (await client.get("/api/deploys?deployment=prod", headers=auth)).json()
-        assert listed == records.list_deploys("prod")
+        assert listed == [views.deploy_json(d) for d in records.list_deploys("prod")]
+        assert listed[0]["action"] == "deploy" and listed[0]["trigger"] == "webhook"
         one = await (await client.get(f"/api/deploys/{ident}", headers=auth)).json()
-        assert one == records.get(ident)
+        assert one == views.deploy_json(records.get(ident))  # type: ignore[arg-type]
         log = await client.get(f"/api/deploys/{ident}/log", headers=auth)
         lines = [json.loads(x) for x in (await log.text()).splitlines()]
         assert [x["line"] for x in lines] == ["-----> hello", "bye"]
@@ -320,8 +322,8 @@ def test_a_new_delivery_supersedes_the_queued_ones_of_its_deployment(tmp_path: P
     assert state == {ssh: "queued", first: "running", second: "superseded", other: "queued",
                      third: "queued"}
     rec = records.get(second)
-    assert rec is not None and rec["error"].startswith(f"superseded by deploy #{third}")
-    assert rec["finished_at"] is not None
+    assert rec is not None and (rec.error or "").startswith(f"superseded by deploy #{third}")
+    assert rec.finished_at is not None
 
 
 def test_a_github_repo_needs_a_fetch_url(tmp_path: Path) -> None:

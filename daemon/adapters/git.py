@@ -249,6 +249,12 @@ def update_ref(repo: Path, ref: str, commit: str) -> None:
     _git(repo, "update-ref", "-m", "deployd: deployed", ref, commit)
 
 
+def tree(repo: Path, commit: str, object_env: Mapping[str, str] | None = None) -> str:
+    """The id of `commit`'s tree (what the deploy ships, whatever the history)."""
+    names.commit_sha(commit)
+    return _git(repo, "rev-parse", f"{commit}^{{tree}}", env=object_env).strip()
+
+
 def subject(repo: Path, commit: str, object_env: Mapping[str, str] | None = None) -> str:
     """The subject line of `commit`."""
     names.commit_sha(commit)

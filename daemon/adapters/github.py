@@ -19,6 +19,7 @@ import aiohttp
 
 from daemon.config import Settings
 from daemon.core import deploys
+from daemon.core.deploys import Deploy
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +31,33 @@ MAX_WAIT = 60.0
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 
-def status_for(record: dict[str, Any], public_url: str) -> dict[str, str]:
+def status_for(record: Deploy, public_url: str) -> dict[str, str]:
     """The commit status body for a deploy record."""
-    state = record["state"]
-    error = (record["error"] or "").strip()
-    step = record.get("step") or ""
+    state = record.state
+    error = (record.error or "").strip()
+    step = record.step or ""
     internal = error.startswith("internal")
     if step not in PUBLIC_STEPS and state != deploys.SUPERSEDED:
         # Errors of the other steps name hosts, registries and clusters: they stay in
         # the deploy's log; the status says where it stopped.
         error = (
-            f"at the {step} step; see deploy #{record['id']}"
-            if step
-            else f"see deploy #{record['id']}"
+            f"at the {step} step; see deploy #{record.id}" if step else f"see deploy #{record.id}"
         )
     if state == deploys.RUNNING:
-        gh, text = "pending", f"deploy #{record['id']} running"
+        gh, text = "pending", f"deploy #{record.id} running"
     elif state == deploys.SUCCEEDED:
-        gh, text = "success", f"deployed {record['tag']}"
+        gh, text = "success", f"deployed {record.tag}"
     elif state in (deploys.FAILED, deploys.ROLLED_BACK) and not internal:
         gh, text = "failure", f"{state}: {error}"
     else:  # cancelled, interrupted, superseded, internal errors: not a verdict on the code
         gh, text = "error", f"{state}: {error}"
     body = {
         "state": gh,
-        "context": f"deployd/{record['deployment']}",
+        "context": f"deployd/{record.deployment}",
         "description": text if len(text) <= 140 else text[:139] + "…",
     }
     if public_url:
-        body["target_url"] = f"{public_url}/api/deploys/{record['id']}"
+        body["target_url"] = f"{public_url}/api/deploys/{record.id}"
     return body
 
 
@@ -94,23 +93,23 @@ class StatusReporter:
         self._last: dict[int, asyncio.Task[None]] = {}
         self.pending: set[asyncio.Task[None]] = set()
 
-    def observe(self, event: str, record: dict[str, Any]) -> None:
+    def observe(self, event: str, record: Deploy) -> None:
         """Pipeline observer: schedule the status for this moment of the deploy."""
-        if record["trigger"] != "webhook" or not record["commit"]:
+        if record.trigger != "webhook" or not record.commit:
             return
         settings = self._settings()
         token = settings.github.token
-        dep = next((d for d in settings.deployments if d.name == record["deployment"]), None)
+        dep = next((d for d in settings.deployments if d.name == record.deployment), None)
         if token is None or dep is None or dep.github_repo is None:
             return
-        url = f"{settings.github.api_url}/repos/{dep.github_repo}/statuses/{record['commit']}"
+        url = f"{settings.github.api_url}/repos/{dep.github_repo}/statuses/{record.commit}"
         body = status_for(record, settings.server.public_url)
-        previous = self._last.get(record["id"])
+        previous = self._last.get(record.id)
         task = asyncio.get_running_loop().create_task(self._post(previous, url, token, body))
-        self._last[record["id"]] = task
+        self._last[record.id] = task
         self.pending.add(task)
 
-        def done(t: asyncio.Task[None], deploy_id: int = record["id"]) -> None:
+        def done(t: asyncio.Task[None], deploy_id: int = record.id) -> None:
             self.pending.discard(t)
             if self._last.get(deploy_id) is t:
                 del self._last[deploy_id]

@@ -19,7 +19,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,15 @@ import docker.errors
 import requests.exceptions
 
 from daemon.config import RegistrySettings
+from daemon.core.ports import (
+    LABEL_COMMIT,
+    LABEL_DEPLOY_ID,
+    LABEL_DEPLOYMENT,
+    LABEL_ROLE,
+    STAGING_TAG,
+    ContainerRun,
+    Sandbox,
+)
 from daemon.errors import (
     BuildError,
     Cancelled,
@@ -36,14 +44,11 @@ from daemon.errors import (
     RegistryError,
 )
 
+__all__ = ["LABEL_COMMIT", "LABEL_DEPLOYMENT", "LABEL_DEPLOY_ID", "STAGING_TAG", "Images"]
+
 log = logging.getLogger(__name__)
 
-LABEL_DEPLOYMENT = "deployd.deployment"
-LABEL_DEPLOY_ID = "deployd.deploy-id"
-LABEL_COMMIT = "deployd.commit"
-LABEL_ROLE = "deployd.role"
 API_VERSION = "1.41"
-STAGING_TAG = "deployd-staging"
 PUSH_ATTEMPTS = 4
 _AUTH_PATTERNS = re.compile(
     r"unauthorized|authentication required|denied|forbidden|"
@@ -55,27 +60,6 @@ _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 _BUILD_NOISE = re.compile(r"^( ---> |Removing intermediate container |Successfully built )")
 
 Line = Callable[[str], None]
-
-
-@dataclass
-class ContainerRun:
-    """How a check container ended."""
-
-    exit_code: int | None
-    timed_out: bool = False
-    oom_killed: bool = False
-    output: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Sandbox:
-    """Limits of a check container (SPEC.md: no network, memory, CPU, pids, time)."""
-
-    memory_mb: int
-    cpus: float
-    timeout_seconds: int
-    pids: int = 1024
-    scratch_mb: int = 512
 
 
 class Images:
@@ -185,7 +169,6 @@ class Images:
                         on_line(message)
                         raise BuildError(
                             f"the build failed at {current_step or 'its start'}: {message}",
-                            step=current_step,
                             tail="\n".join(tail),
                         )
             except docker.errors.APIError as exc:

@@ -20,9 +20,9 @@ from typing import Any
 import sqlite_utils
 
 from daemon.core import deploys
-from daemon.core.deploys import Options
+from daemon.core.deploys import Deploy, LogLine, Options, StepRecord
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def now() -> float:
@@ -106,10 +106,18 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    # `trigger` says where a deploy came from; `action` what it does. Before this,
+    # a rollback was known only by its rollback_of.
+    db.execute("ALTER TABLE deploys ADD COLUMN action TEXT NOT NULL DEFAULT 'deploy'")
+    db.execute("UPDATE deploys SET action = 'rollback' WHERE rollback_of IS NOT NULL")
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_1,
     _migration_2,
     _migration_3,
+    _migration_4,
 )
 MAX_ARTIFACT = 5 * 1024 * 1024
 
@@ -192,6 +200,7 @@ class Records:
         ref: str,
         options: Options,
         pid: int,
+        action: str = "deploy",
         commit: str | None = None,
         description: str = "",
         rollback_of: int | None = None,
@@ -201,6 +210,7 @@ class Records:
             "deployment": deployment,
             "state": deploys.QUEUED,
             "trigger": trigger,
+            "action": action,
             "actor": actor,
             "ref": ref,
             "commit_sha": commit,
@@ -338,14 +348,14 @@ class Records:
         with self._lock:
             self.db.table("deploys").update(deploy_id, fields)
 
-    def get(self, deploy_id: int) -> dict[str, Any] | None:
+    def get(self, deploy_id: int) -> Deploy | None:
         """One deploy with its steps, in the shape the CLI and the API print."""
         rows = self._rows("SELECT * FROM deploys WHERE id = ?", [deploy_id])
         return self._shape(rows[0]) if rows else None
 
     def list_deploys(
         self, deployment: str | list[str] | None = None, limit: int = 50
-    ) -> list[dict[str, Any]]:
+    ) -> list[Deploy]:
         """The newest deploys: of all deployments, of one, or of several."""
         names = [deployment] if isinstance(deployment, str) else deployment
         where, args = ("", [])
@@ -358,7 +368,7 @@ class Records:
         )
         return [self._shape(r) for r in rows]
 
-    def in_flight(self, deployment: str) -> list[dict[str, Any]]:
+    def in_flight(self, deployment: str) -> list[Deploy]:
         """Deploys of `deployment` still queued or running, oldest first."""
         rows = self._rows(
             "SELECT * FROM deploys WHERE deployment = ? AND state IN (?, ?) ORDER BY id",
@@ -366,7 +376,7 @@ class Records:
         )
         return [self._shape(r) for r in rows]
 
-    def last_succeeded(self, deployment: str) -> dict[str, Any] | None:
+    def last_succeeded(self, deployment: str) -> Deploy | None:
         """The newest successful deploy of `deployment`."""
         for row in self._rows(
             "SELECT * FROM deploys WHERE deployment = ? AND state = ? ORDER BY id DESC LIMIT 1",
@@ -383,37 +393,43 @@ class Records:
         )
         return int(row[0]) if row and row[0] else None
 
-    def _shape(self, row: dict[str, Any]) -> dict[str, Any]:
-        out = {
-            "id": row["id"],
-            "deployment": row["deployment"],
-            "state": row["state"],
-            "trigger": row["trigger"],
-            "actor": row["actor"],
-            "ref": row["ref"],
-            "commit": row["commit_sha"],
-            "tree": row["tree_sha"],
-            "description": row["description"] or "",
-            "options": json.loads(row["options"] or "{}"),
-            "image": row["image"],
-            "tag": row["tag"],
-            "digest": row["digest"],
-            "step": row["step"],
-            "pid": row["pid"],
-            "error": row["error"],
-            "rollback_of": row["rollback_of"],
-            "report": json.loads(row["report"]) if row["report"] else None,
-            "created_at": row["created_at"],
-            "started_at": row["started_at"],
-            "finished_at": row["finished_at"],
-        }
-        out["steps"] = [
-            {k: s[k] for k in ("name", "state", "started_at", "finished_at", "summary")}
+    def _shape(self, row: dict[str, Any]) -> Deploy:
+        options = json.loads(row["options"] or "{}")
+        steps = tuple(
+            StepRecord(s["name"], s["state"], s["started_at"], s["finished_at"], s["summary"])
             for s in self._rows(
                 "SELECT * FROM steps WHERE deploy_id = ? ORDER BY position", [row["id"]]
             )
-        ]
-        return out
+        )
+        return Deploy(
+            id=row["id"],
+            deployment=row["deployment"],
+            state=row["state"],
+            trigger=row["trigger"],
+            action=row["action"],
+            actor=row["actor"] or "",
+            ref=row["ref"] or "",
+            commit=row["commit_sha"],
+            tree=row["tree_sha"],
+            description=row["description"] or "",
+            options=Options(
+                force=bool(options.get("force")),
+                pytest=bool(options.get("pytest")),
+                allow_dirty=bool(options.get("allow_dirty")),
+            ),
+            image=row["image"],
+            tag=row["tag"],
+            digest=row["digest"],
+            step=row["step"],
+            pid=row["pid"],
+            error=row["error"],
+            rollback_of=row["rollback_of"],
+            report=json.loads(row["report"]) if row["report"] else None,
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            steps=steps,
+        )
 
     # -- steps ---------------------------------------------------------------
 
@@ -488,19 +504,25 @@ class Records:
 
     # -- log -----------------------------------------------------------------
 
-    def append_log(self, deploy_id: int, step: str | None, lines: list[str]) -> None:
-        """Store log lines of a deploy."""
+    def append_log(self, deploy_id: int, step: str | None, lines: list[str]) -> list[LogLine]:
+        """Store log lines of a deploy; return them as stored (with their ids)."""
         ts = now()
+        out = []
         with self._lock:
-            self.db.table("log").insert_all(
-                [{"deploy_id": deploy_id, "ts": ts, "step": step, "line": line} for line in lines]
-            )
+            for line in lines:
+                cur = self.db.execute(
+                    "INSERT INTO log (deploy_id, ts, step, line) VALUES (?, ?, ?, ?)",
+                    [deploy_id, ts, step, line],
+                )
+                out.append(LogLine(int(cur.lastrowid or 0), ts, step, line))
+        return out
 
-    def log_lines(self, deploy_id: int, after: int = 0) -> list[dict[str, Any]]:
+    def log_lines(self, deploy_id: int, after: int = 0) -> list[LogLine]:
         """Log lines of a deploy with id > `after`, oldest first."""
-        return list(
-            self._rows(
+        return [
+            LogLine(r["id"], r["ts"], r["step"], r["line"])
+            for r in self._rows(
                 "SELECT id, ts, step, line FROM log WHERE deploy_id = ? AND id > ? ORDER BY id",
                 [deploy_id, after],
             )
-        )
+        ]

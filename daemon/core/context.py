@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.adapters.images import Images
 from daemon.adapters.records import Records
 from daemon.config import Deployment, Settings
-from daemon.core.deploys import Options
+from daemon.core import deploys
+from daemon.core.deploys import Deploy, Options
 from daemon.core.logs import DeployLog
+from daemon.core.policy import Policy, policy
+from daemon.core.ports import Cluster, Engine
 
-if TYPE_CHECKING:  # lightkube costs ~60 ms to import: only deploys that roll load it
-    from daemon.adapters.kubernetes.cluster import Cluster, Target
+if TYPE_CHECKING:
+    from daemon.adapters.kubernetes.plan import Target
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,24 @@ class DeployRequest:
     # Fetch the commit from the deployment's fetch_url first (webhook deploys).
     fetch: bool = False
     # A rollback: the successful deploy whose image runs again (nothing is built).
-    rollback_to: dict[str, Any] | None = None
+    rollback_to: Deploy | None = None
+
+    @property
+    def action(self) -> str:
+        """What the deploy does (deploys.DEPLOY, ROLLBACK)."""
+        return deploys.ROLLBACK if self.rollback_to is not None else deploys.DEPLOY
+
+    @property
+    def policy(self) -> Policy:
+        """The rules it follows for its trigger and action."""
+        return policy(self.trigger, self.action)
+
+
+def connect_cluster(settings: Settings, dep: Deployment) -> Cluster:
+    """The real cluster of a deployment (lightkube is imported only by deploys that roll)."""
+    from daemon.adapters.kubernetes.cluster import KubeCluster
+
+    return KubeCluster(settings.kubernetes, dep.namespace)
 
 
 @dataclass
@@ -49,7 +68,13 @@ class Services:
 
     settings: Settings
     records: Records
-    images: Images
+    images: Engine
+    # How to reach a deployment's cluster (a fake in the unit tier).
+    connect: Callable[[Settings, Deployment], Cluster] = connect_cluster
+
+    def cluster(self, dep: Deployment) -> Cluster:
+        """A client of `dep`'s cluster; the caller closes it."""
+        return self.connect(self.settings, dep)
 
 
 @dataclass
@@ -68,6 +93,17 @@ class DeployContext:
     upload: asyncio.Task[str] | None = None
     cluster: Cluster | None = None
     targets: list[Target] = field(default_factory=list)
+    # What the deploy learns on its way, for the steps after (never re-read from SQLite).
+    tree: str = ""
+    report: dict[str, Any] | None = None
+    # The deployment's last successful deploy when this one started.
+    previous: Deploy | None = None
+
+    @property
+    def airflow_version(self) -> str | None:
+        """The Airflow version of the image this deploy rolls out, if known."""
+        version = (self.report or {}).get("airflow_version")
+        return str(version) if version else None
 
     @property
     def deployment(self) -> Deployment:
@@ -81,7 +117,7 @@ class DeployContext:
     @property
     def labels(self) -> dict[str, str]:
         """Labels that mark every image and container of this deploy."""
-        from daemon.adapters.images import LABEL_COMMIT, LABEL_DEPLOY_ID, LABEL_DEPLOYMENT
+        from daemon.core.ports import LABEL_COMMIT, LABEL_DEPLOY_ID, LABEL_DEPLOYMENT
 
         return {
             LABEL_DEPLOYMENT: self.deployment.name,

@@ -9,23 +9,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from daemon.config import Deployment
+from daemon.core.states import (
+    CANCELLED,
+    FAILED,
+    FINAL_STATES,
+    INTERRUPTED,
+    QUEUED,
+    ROLLED_BACK,
+    RUNNING,
+    SUCCEEDED,
+    SUPERSEDED,
+    TRANSITIONS,
+)
 
-QUEUED = "queued"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-ROLLED_BACK = "rolled_back"
-CANCELLED = "cancelled"
-SUPERSEDED = "superseded"
-INTERRUPTED = "interrupted"
-
-FINAL_STATES = frozenset({SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED, SUPERSEDED, INTERRUPTED})
-_TRANSITIONS: dict[str, frozenset[str]] = {
-    QUEUED: frozenset({RUNNING, CANCELLED, SUPERSEDED, INTERRUPTED}),
-    RUNNING: frozenset({SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED, INTERRUPTED}),
-}
+__all__ = [
+    "CANCELLED",
+    "FAILED",
+    "FINAL_STATES",
+    "INTERRUPTED",
+    "QUEUED",
+    "ROLLED_BACK",
+    "RUNNING",
+    "SUCCEEDED",
+    "SUPERSEDED",
+]
 
 # The steps of a deploy, in order. `push` may start (as an upload under a
 # staging tag) while `parse` and `pytest` run, but it only tags after them.
@@ -38,7 +48,7 @@ class TransitionError(ValueError):
 
 def check_transition(current: str, new: str) -> None:
     """Raise TransitionError unless a deploy may go from `current` to `new`."""
-    if new not in _TRANSITIONS.get(current, frozenset()):
+    if new not in TRANSITIONS.get(current, frozenset()):
         raise TransitionError(f"a deploy cannot go from {current} to {new}")
 
 
@@ -50,6 +60,80 @@ class Options:
     pytest: bool = False
     description: str = ""
     allow_dirty: bool = False
+
+
+# Where a deploy came from, and what it does (two fields, one meaning each).
+TRIGGERS = ("ssh", "webhook", "cli", "api", "dashboard")
+DEPLOY = "deploy"
+ROLLBACK = "rollback"
+PROMOTION = "promotion"
+ACTIONS = (DEPLOY, ROLLBACK, PROMOTION)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of a recorded deploy."""
+
+    name: str
+    state: str
+    started_at: float | None = None
+    finished_at: float | None = None
+    summary: str | None = None
+
+
+@dataclass(frozen=True)
+class Deploy:
+    """A deploy as recorded: who asked for what, how far it got, what it produced."""
+
+    id: int
+    deployment: str
+    state: str
+    trigger: str
+    action: str
+    actor: str
+    ref: str
+    commit: str | None
+    created_at: float
+    options: Options = Options()
+    description: str = ""
+    tree: str | None = None
+    image: str | None = None
+    tag: str | None = None
+    digest: str | None = None
+    step: str | None = None
+    pid: int | None = None
+    error: str | None = None
+    rollback_of: int | None = None
+    report: dict[str, Any] | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    steps: tuple[StepRecord, ...] = ()
+
+    @property
+    def final(self) -> bool:
+        """Whether the deploy has ended (one of FINAL_STATES)."""
+        return self.state in FINAL_STATES
+
+    @property
+    def airflow_version(self) -> str | None:
+        """The Airflow version its DAG check found in the image, if it ran."""
+        version = (self.report or {}).get("airflow_version")
+        return str(version) if version else None
+
+    @property
+    def image_ref(self) -> str:
+        """`IMAGE:TAG@DIGEST` of what it deployed ('' if it pushed nothing)."""
+        return f"{self.image}:{self.tag}@{self.digest}" if self.digest else ""
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One stored line of a deploy's log."""
+
+    id: int
+    ts: float
+    step: str | None
+    line: str
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The log stream of a deploy: every step's output, stored and fanned out.
 
 A deploy writes lines here from any thread; each line is stored in the
-records, printed by the local sink (stderr for the CLI) and handed to live
-subscribers (the SSH push and the HTTP API subscribe in later issues).
+records, printed by the local sink (stderr for the CLI, `remote:` lines for a
+push) and handed to live subscribers (followers in this process: see
+core/usecases.follow_log).
 Floods are capped per step so that a build or test that prints megabytes
 floods nobody: the first lines and the last lines are kept.
 """
@@ -17,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 
 from daemon.adapters.records import Records
+from daemon.core.deploys import LogLine
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +37,21 @@ class DeployLog:
         self.deploy_id = deploy_id
         self.sink = sink
         self._lock = threading.Lock()
-        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[str | None]]] = []
+        self._subscribers: list[
+            tuple[asyncio.AbstractEventLoop, asyncio.Queue[LogLine | None]]
+        ] = []
         self._counts: dict[str, int] = {}
         self._tails: dict[str, deque[str]] = {}
+        self._closed = False
 
-    def subscribe(self) -> asyncio.Queue[str | None]:
+    def subscribe(self) -> asyncio.Queue[LogLine | None]:
         """A queue that receives every later line, then None when the log closes."""
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        queue: asyncio.Queue[LogLine | None] = asyncio.Queue()
         with self._lock:
-            self._subscribers.append((asyncio.get_running_loop(), queue))
+            if self._closed:
+                queue.put_nowait(None)
+            else:
+                self._subscribers.append((asyncio.get_running_loop(), queue))
         return queue
 
     def write(self, line: str, step: str | None = None) -> None:
@@ -73,17 +81,19 @@ class DeployLog:
                 self._emit(line, step)
 
     def _emit(self, line: str, step: str | None) -> None:
-        self.records.append_log(self.deploy_id, step, [line])
+        stored = self.records.append_log(self.deploy_id, step, [line])
         if self.sink is not None:
             with contextlib.suppress(Exception):
                 self.sink(line)
         for loop, queue in self._subscribers:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, line)
+            for row in stored:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(queue.put_nowait, row)
 
     def close(self) -> None:
         """Tell subscribers the stream has ended."""
         with self._lock:
+            self._closed = True
             for loop, queue in self._subscribers:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(queue.put_nowait, None)

@@ -1,11 +1,12 @@
 """Runs a deploy: the per-deployment lock, the steps over one context, the records.
 
-    checkout ─► build ─┬─► parse ─► [pytest] ─┬─► push (tag) ─► roll
-                       └─► upload (staging) ──┘
+    [preflight] ─► checkout ─► build ─┬─► parse ─► [pytest] ─┬─► push (tag) ─► [roll]
+                                      └─► upload (staging) ──┘
 
 Every transition is written before the action it announces. Whatever the
 outcome, the work dir and the check containers are removed and the lock is
-released; old local images beyond `keep_images` are pruned.
+released; old local images beyond `keep_images` are pruned. What differs by
+where a deploy came from is asked of its policy (core/policy.py).
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
 
 from daemon.adapters import git, repos
-from daemon.adapters.images import LABEL_DEPLOY_ID
 from daemon.adapters.locks import DeploymentLock
 from daemon.core import deploys
 from daemon.core.context import DeployContext, DeployRequest, Services
+from daemon.core.deploys import Deploy
 from daemon.core.logs import DeployLog, Sink
-from daemon.core.recovery import recover, work_root
-from daemon.errors import Cancelled, DeploydError, RolledBack
+from daemon.core.policy import Branch, Lifecycle
+from daemon.core.ports import LABEL_DEPLOY_ID
+from daemon.core.recovery import reconcile_roll, recover, work_root
+from daemon.errors import DeploydError, StepFailed
 from daemon.steps import build, checkout, push, roll
 from daemon.steps.checks import parse, pytest
 
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 HOLD_LOCK_SECONDS = 60
 # Told about every deploy that starts running ("running") and every deploy that
 # ends ("finished"), with its record; must return at once (commit statuses).
-Observer = Callable[[str, dict[str, Any]], None]
+Observer = Callable[[str, Deploy], None]
 StepFn = Callable[[DeployContext], Awaitable[str]]
 STEP_FUNCTIONS: dict[str, StepFn] = {
     "checkout": checkout.run,
@@ -49,30 +52,27 @@ STEP_FUNCTIONS: dict[str, StepFn] = {
 }
 
 
+@dataclass(frozen=True)
 class DeployOutcome:
     """The record of a finished deploy and the exit code it maps to."""
 
-    def __init__(self, record: dict[str, Any], exit_code: int) -> None:
-        self.record = record
-        self.exit_code = exit_code
+    record: Deploy
+    exit_code: int
 
 
-def preflight(request: DeployRequest) -> None:
-    """Refuse, before anything is queued, what this version cannot do (nothing, now)."""
-
-
-def queued_fields(request: DeployRequest) -> dict[str, Any]:
+def queued_fields(request: DeployRequest) -> dict[str, object]:
     """The record of a queued deploy of `request` (create_deploy's arguments)."""
     return {
         "deployment": request.deployment.name,
         "trigger": request.trigger,
+        "action": request.action,
         "actor": request.actor,
         "ref": request.ref,
         "options": request.options,
         "pid": os.getpid(),
         "commit": request.commit,
         "description": request.options.description or request.subject,
-        "rollback_of": request.rollback_to["id"] if request.rollback_to else None,
+        "rollback_of": request.rollback_to.id if request.rollback_to else None,
     }
 
 
@@ -81,19 +81,17 @@ class Pipeline:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        # Set by `deployd serve` on SIGTERM: deploys it cancels are `interrupted`.
-        self.shutting_down = False
+        self.lifecycle = Lifecycle.SERVING
         self.releases: set[asyncio.Task[None]] = set()
         self.observers: list[Observer] = []
-        # Set by `deployd serve` on SIGTERM: deploys not yet started do not start.
-        self.stopping = False
         # Deploys started by SSH commands (rollbacks): drained like pushes.
-        self.commands: set[asyncio.Task[Any]] = set()
+        self.commands: set[asyncio.Task[object]] = set()
+        # The logs of the deploys this process runs, for followers (core/usecases.py).
+        self.live: dict[int, DeployLog] = {}
 
     def enqueue(self, request: DeployRequest) -> int:
         """Record a deploy of `request` as queued; `run` it with the id returned."""
-        preflight(request)
-        return self.services.records.create_deploy(**queued_fields(request))
+        return self.services.records.create_deploy(**queued_fields(request))  # type: ignore[arg-type]
 
     async def run(
         self, request: DeployRequest, sink: Sink | None = None, deploy_id: int | None = None
@@ -113,7 +111,7 @@ class Pipeline:
 
     def _tell(self, event: str, deploy_id: int) -> None:
         record = self.services.records.get(deploy_id)
-        if record is None or (event == "finished" and record["state"] not in deploys.FINAL_STATES):
+        if record is None or (event == "finished" and not record.final):
             return
         for observer in self.observers:
             try:
@@ -121,49 +119,35 @@ class Pipeline:
             except Exception:
                 log.exception("observer of deploy #%s failed", deploy_id)
 
+    def _record(self, deploy_id: int) -> Deploy:
+        record = self.services.records.get(deploy_id)
+        assert record is not None
+        return record
+
     async def _run(
         self, request: DeployRequest, sink: Sink | None, deploy_id: int
     ) -> DeployOutcome:
-        records = self.services.records
         state_dir = self.services.settings.server.state_dir
         dep = request.deployment
-        dlog = DeployLog(records, deploy_id, sink)
+        dlog = DeployLog(self.services.records, deploy_id, sink)
+        self.live[deploy_id] = dlog
         lock = DeploymentLock(state_dir, dep.name)
         dlog.write(
             f"-----> deploy #{deploy_id} of {dep.name}: {request.commit[:12]} "
             f"({request.subject[:72]})"
         )
         try:
-            got = await lock.acquire(
-                deploy_id,
-                on_wait=lambda ahead: dlog.write(
-                    f"       queued behind deploy #{ahead}" if ahead else "       queued"
-                ),
-                # Superseded (or otherwise ended) while it waited: leave the queue. A
-                # webhook deploy also leaves it when the daemon stops: it stays queued
-                # and the next daemon resumes it.
-                give_up=lambda: (
-                    records.state(deploy_id) != deploys.QUEUED
-                    or (self.stopping and request.trigger == "webhook")
-                ),
-            )
+            got = await self._acquire(request, deploy_id, lock, dlog)
         except BaseException:
-            if self.shutting_down and request.trigger == "webhook":
-                # Accepted by the webhook: stays queued; the next daemon resumes it.
-                dlog.write("       deployd is stopping; this deploy resumes when it starts again")
-            else:
-                state = deploys.INTERRUPTED if self.shutting_down else deploys.CANCELLED
-                records.transition(deploy_id, deploys.QUEUED, state, error=f"{state} while queued")
-            dlog.close()
+            self._close_log(dlog)
             raise
         if not got:
-            record = records.get(deploy_id)
-            assert record is not None
-            if record["state"] == deploys.QUEUED:
+            record = self._record(deploy_id)
+            if record.state == deploys.QUEUED:
                 dlog.write("       deployd is stopping; this deploy runs when it starts again")
             else:
-                dlog.write(f"-----> {record['state']}: {record['error'] or 'while queued'}")
-            dlog.close()
+                dlog.write(f"-----> {record.state}: {record.error or 'while queued'}")
+            self._close_log(dlog)
             return DeployOutcome(record, 1)
         ctx = DeployContext(
             deploy_id, request, self.services, dlog, work_root(state_dir, dep.name) / str(deploy_id)
@@ -183,43 +167,66 @@ class Pipeline:
             else:
                 await asyncio.shield(asyncio.to_thread(self._cleanup, ctx))
                 lock.release()
-                dlog.close()
+                self._close_log(dlog)
+
+    def _close_log(self, dlog: DeployLog) -> None:
+        self.live.pop(dlog.deploy_id, None)
+        dlog.close()
+
+    async def _acquire(
+        self, request: DeployRequest, deploy_id: int, lock: DeploymentLock, dlog: DeployLog
+    ) -> bool:
+        """Wait for the deployment's lock; False if the deploy left the queue meanwhile."""
+        records = self.services.records
+        resumes = request.policy.resumes_after_restart
+        try:
+            return await lock.acquire(
+                deploy_id,
+                on_wait=lambda ahead: dlog.write(
+                    f"       queued behind deploy #{ahead}" if ahead else "       queued"
+                ),
+                # Superseded (or otherwise ended) while it waited: leave the queue. A
+                # deploy that resumes after a restart also leaves it when the daemon
+                # stops: it stays queued and the next daemon runs it.
+                give_up=lambda: (
+                    records.state(deploy_id) != deploys.QUEUED
+                    or (self.lifecycle is not Lifecycle.SERVING and resumes)
+                ),
+            )
+        except BaseException:
+            if self.lifecycle is Lifecycle.INTERRUPTING and resumes:
+                dlog.write("       deployd is stopping; this deploy resumes when it starts again")
+            else:
+                state = (
+                    deploys.INTERRUPTED
+                    if self.lifecycle is Lifecycle.INTERRUPTING
+                    else deploys.CANCELLED
+                )
+                records.transition(deploy_id, deploys.QUEUED, state, error=f"{state} while queued")
+            raise
 
     async def _run_locked(self, ctx: DeployContext, lock: DeploymentLock) -> DeployOutcome:
+        refused = await self._before_start(ctx, lock)
+        if refused is not None:
+            return refused
         records = self.services.records
-        state_dir = self.services.settings.server.state_dir
         dep = ctx.deployment
-        for gone in await asyncio.to_thread(
-            recover, records, self.services.images, state_dir, dep.name, lock, current=ctx.id
-        ):
-            ctx.say(f"       deploy #{gone} had died; marked interrupted")
-            await roll.reconcile(self.services, dep.name, gone)
-        if ctx.request.trigger == "webhook":
-            newer = records.newer_queued(dep.name, ctx.id, "webhook")
-            if newer is not None:
-                why = f"superseded by deploy #{newer}, a newer push waiting for its turn"
-                ctx.say(f"-----> {why}")
-                records.transition(ctx.id, deploys.QUEUED, deploys.SUPERSEDED, error=why)
-                return DeployOutcome(self._record(ctx), 1)
-        moved = await asyncio.to_thread(self._ref_moved, ctx)
-        if moved:
-            ctx.say(f"-----> refused: {moved}")
-            records.transition(ctx.id, deploys.QUEUED, deploys.CANCELLED, error=moved)
-            return DeployOutcome(self._record(ctx), 1)
         log.info(
-            "deploy #%s of %s started (%s by %s)",
+            "deploy #%s of %s started (%s %s by %s)",
             ctx.id,
             dep.name,
             ctx.request.trigger,
+            ctx.request.action,
             ctx.request.actor,
         )
         target = ctx.request.rollback_to
-        plan = deploys.plan(dep, ctx.request.options, target["id"] if target else None)
+        plan = deploys.plan(dep, ctx.request.options, target.id if target else None)
         records.plan_steps(ctx.id, [(s.name, s.skip_reason) for s in plan])
+        ctx.previous = records.last_succeeded(dep.name)
         if not records.transition(ctx.id, deploys.QUEUED, deploys.RUNNING, pid=os.getpid()):
-            record = self._record(ctx)
-            if record["state"] in deploys.FINAL_STATES:  # superseded at the last moment
-                ctx.say(f"-----> {record['state']}: {record['error']}")
+            record = self._record(ctx.id)
+            if record.final:  # superseded at the last moment
+                ctx.say(f"-----> {record.state}: {record.error}")
                 return DeployOutcome(record, 1)
             raise DeploydError(f"deploy #{ctx.id} was changed by someone else while queued.")
         self._tell("running", ctx.id)
@@ -227,55 +234,72 @@ class Pipeline:
         try:
             await self._execute(ctx, plan)
         except asyncio.CancelledError:
-            ctx.stop.set()
-            await self._settle_upload(ctx)
-            if self.shutting_down:
+            await self._stopped(ctx)
+            if self.lifecycle is Lifecycle.INTERRUPTING:
                 # The step column keeps the step it was in.
                 self._finish(ctx, deploys.INTERRUPTED, "deployd shut down during the deploy", None)
             else:
                 self._finish(ctx, deploys.CANCELLED, "the deploy was cancelled", None)
             raise
-        except DeploydError as exc:
-            ctx.stop.set()
-            await self._settle_upload(ctx)
-            failed = getattr(exc, "failed_step", None)
-            state = (
-                deploys.CANCELLED
-                if isinstance(exc, Cancelled)
-                else deploys.ROLLED_BACK
-                if isinstance(exc, RolledBack)
-                else deploys.FAILED
-            )
-            self._finish(ctx, state, exc.message, failed)
-            return DeployOutcome(self._record(ctx), exc.exit_code)
-        except Exception as exc:
-            ctx.stop.set()
-            await self._settle_upload(ctx)
+        except StepFailed as exc:
+            await self._stopped(ctx)
+            if not isinstance(exc.cause, DeploydError):
+                log.error("deploy #%s failed with an internal error", ctx.id, exc_info=exc.cause)
+            self._finish(ctx, exc.final_state, exc.message, exc.step)
+            return DeployOutcome(self._record(ctx.id), exc.exit_code)
+        except Exception as exc:  # between steps: a bug, recorded as one
+            await self._stopped(ctx)
             log.exception("deploy #%s failed with an internal error", ctx.id)
             self._finish(ctx, deploys.FAILED, f"internal error: {type(exc).__name__}: {exc}", None)
-            return DeployOutcome(self._record(ctx), 1)
-        elapsed = time.monotonic() - started
+            return DeployOutcome(self._record(ctx.id), 1)
         ctx.say(
             f"-----> deployed {dep.image}:{ctx.tag} ({ctx.digest}) as deploy #{ctx.id} "
-            f"in {elapsed:.1f} s"
+            f"in {time.monotonic() - started:.1f} s"
         )
         # Recorded the moment it is true; the server branch follows (still under the lock).
         records.transition(ctx.id, deploys.RUNNING, deploys.SUCCEEDED, step=None)
         log.info("deploy #%s of %s succeeded: %s:%s", ctx.id, dep.name, dep.image, ctx.tag)
-        if ctx.request.trigger != "ssh" and ctx.request.rollback_to is None:
-            # A push updates the server branch itself (git, after the hook says yes).
-            try:
-                await asyncio.to_thread(
-                    repos.record_deployed,
-                    self.services.settings.server.state_dir,
-                    dep.name,
-                    dep.branch,
-                    ctx.request.repo,
-                    ctx.request.commit,
-                )
-            except DeploydError as exc:
-                ctx.say(f"       note: the server repository was not updated: {exc.message}")
-        return DeployOutcome(self._record(ctx), 0)
+        if ctx.request.policy.branch is Branch.DEPLOYD:
+            await self._move_branch(ctx)
+        return DeployOutcome(self._record(ctx.id), 0)
+
+    async def _before_start(self, ctx: DeployContext, lock: DeploymentLock) -> DeployOutcome | None:
+        """With the lock held: recover dead deploys; the outcome if this one may not run."""
+        records = self.services.records
+        state_dir = self.services.settings.server.state_dir
+        dep = ctx.deployment
+        for gone in await asyncio.to_thread(
+            recover, records, self.services.images, state_dir, dep.name, lock, current=ctx.id
+        ):
+            ctx.say(f"       deploy #{gone} had died; marked interrupted")
+            await reconcile_roll(self.services, dep.name, gone)
+        if ctx.request.policy.superseded_by_newer:
+            newer = records.newer_queued(dep.name, ctx.id, ctx.request.trigger)
+            if newer is not None:
+                why = f"superseded by deploy #{newer}, a newer push waiting for its turn"
+                ctx.say(f"-----> {why}")
+                records.transition(ctx.id, deploys.QUEUED, deploys.SUPERSEDED, error=why)
+                return DeployOutcome(self._record(ctx.id), 1)
+        moved = await asyncio.to_thread(self._ref_moved, ctx)
+        if moved:
+            ctx.say(f"-----> refused: {moved}")
+            records.transition(ctx.id, deploys.QUEUED, deploys.CANCELLED, error=moved)
+            return DeployOutcome(self._record(ctx.id), 1)
+        return None
+
+    async def _move_branch(self, ctx: DeployContext) -> None:
+        dep = ctx.deployment
+        try:
+            await asyncio.to_thread(
+                repos.record_deployed,
+                self.services.settings.server.state_dir,
+                dep.name,
+                dep.branch,
+                ctx.request.repo,
+                ctx.request.commit,
+            )
+        except DeploydError as exc:
+            ctx.say(f"       note: the server repository was not updated: {exc.message}")
 
     def _ref_moved(self, ctx: DeployContext) -> str:
         """Why this push may no longer be deployed (the branch moved while it waited), or ''."""
@@ -299,7 +323,7 @@ class Pipeline:
                 await asyncio.wait_for(asyncio.shield(done), HOLD_LOCK_SECONDS)
         finally:
             lock.release()
-            ctx.log.close()
+            self._close_log(ctx.log)
 
     async def _execute(self, ctx: DeployContext, plan: tuple[deploys.PlannedStep, ...]) -> None:
         ctx.workdir.mkdir(parents=True, exist_ok=True)
@@ -308,13 +332,15 @@ class Pipeline:
             await self._step(ctx, "preflight")
         target = ctx.request.rollback_to
         if target is not None:
-            ctx.tag, ctx.digest = target["tag"], target["digest"]
+            ctx.tag, ctx.digest = target.tag or "", target.digest or ""
+            ctx.tree, ctx.report = target.tree or "", target.report
             self.services.records.update(
                 ctx.id,
-                image=target["image"],
+                image=target.image,
                 tag=ctx.tag,
                 digest=ctx.digest,
-                report=json.dumps(target["report"]) if target["report"] else None,
+                tree_sha=target.tree,
+                report=json.dumps(target.report) if target.report else None,
             )
             await self._step(ctx, "roll")
             return
@@ -339,25 +365,22 @@ class Pipeline:
         t0 = time.monotonic()
         try:
             summary = await STEP_FUNCTIONS[name](ctx)
-        except DeploydError as exc:
-            ctx.log.end_step(name)
-            records.step_finished(ctx.id, name, "failed", exc.message)
-            ctx.say(f"       {name} failed after {time.monotonic() - t0:.2f} s: {exc.message}")
-            exc.failed_step = name  # type: ignore[attr-defined]
-            raise
         except asyncio.CancelledError:
             records.step_finished(ctx.id, name, "cancelled", "cancelled")
             raise
         except Exception as exc:
-            records.step_finished(ctx.id, name, "failed", f"internal error: {exc}")
-            exc.failed_step = name  # type: ignore[attr-defined]
-            raise
+            failed = StepFailed(name, exc)
+            ctx.log.end_step(name)
+            records.step_finished(ctx.id, name, "failed", failed.message)
+            ctx.say(f"       {name} failed after {time.monotonic() - t0:.2f} s: {failed.message}")
+            raise failed from exc
         ctx.log.end_step(name)
         records.step_finished(ctx.id, name, "succeeded", summary)
         ctx.say(f"       {name} done in {time.monotonic() - t0:.2f} s: {summary}")
 
-    async def _settle_upload(self, ctx: DeployContext) -> None:
-        """Stop waiting for an upload whose deploy will not be tagged, and mark the step."""
+    async def _stopped(self, ctx: DeployContext) -> None:
+        """The deploy will not go on: stop its work, and let go of an upload in flight."""
+        ctx.stop.set()
         if ctx.upload is None:
             return
         if not ctx.upload.done():
@@ -377,11 +400,6 @@ class Pipeline:
         records.transition(
             ctx.id, deploys.RUNNING, state, error=error, **({"step": step} if step else {})
         )
-
-    def _record(self, ctx: DeployContext) -> dict[str, Any]:
-        record = self.services.records.get(ctx.id)
-        assert record is not None
-        return record
 
     def _cleanup(self, ctx: DeployContext) -> None:
         """Remove the work dir and containers; prune old images. Never raises."""

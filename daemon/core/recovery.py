@@ -14,12 +14,17 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from daemon.adapters.images import LABEL_DEPLOYMENT, Images
 from daemon.adapters.locks import DeploymentLock
 from daemon.adapters.records import Records
 from daemon.core import deploys
+from daemon.core.policy import policy
+from daemon.core.ports import LABEL_DEPLOYMENT, Engine
 from daemon.errors import DeploydError
+
+if TYPE_CHECKING:
+    from daemon.core.context import Services
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,7 @@ def work_root(state_dir: Path, deployment: str) -> Path:
 
 def recover(
     records: Records,
-    images: Images | None,
+    images: Engine | None,
     state_dir: Path,
     deployment: str,
     lock: DeploymentLock,
@@ -42,31 +47,64 @@ def recover(
     assert lock.held, "recover() needs the deployment lock"
     marked = []
     for rec in records.in_flight(deployment):
-        if rec["id"] == current:
+        if rec.id == current:
             continue
-        if rec["state"] == deploys.QUEUED and (
-            lock.live_waiter(rec["id"]) or pid_alive(rec.get("pid")) or rec["trigger"] == "webhook"
+        if rec.state == deploys.QUEUED and (
+            lock.live_waiter(rec.id)
+            or pid_alive(rec.pid)
+            or policy(rec.trigger, rec.action).resumes_after_restart
         ):
             continue
-        steps = records.running_steps(rec["id"])
+        steps = records.running_steps(rec.id)
         for name in steps:
-            records.step_finished(rec["id"], name, "interrupted", "the deploying process died")
-        where = "+".join(steps) or rec.get("step") or ""
+            records.step_finished(rec.id, name, "interrupted", "the deploying process died")
+        where = "+".join(steps) or rec.step or ""
         during = f"during {where}" if where else "while queued"
         if records.transition(
-            rec["id"],
-            rec["state"],
+            rec.id,
+            rec.state,
             deploys.INTERRUPTED,
             step=where or None,
             error=f"the deploying process stopped {during}; nothing of this deploy was kept.",
         ):
-            marked.append(rec["id"])
-            log.warning("deploy #%s of %s marked interrupted (%s)", rec["id"], deployment, during)
+            marked.append(rec.id)
+            log.warning("deploy #%s of %s marked interrupted (%s)", rec.id, deployment, during)
     _clean_work_dirs(work_root(state_dir, deployment), keep=current)
     if images is not None:
         with contextlib.suppress(DeploydError):
             images.remove_containers({LABEL_DEPLOYMENT: deployment})
     return marked
+
+
+async def reconcile_roll(services: Services, deployment: str, deploy_id: int) -> None:
+    """After a deploy died during its roll: record what the cluster shows now."""
+    records = services.records
+    rec = records.get(deploy_id)
+    if rec is None or rec.step != "roll" or rec.state != deploys.INTERRUPTED:
+        return
+    dep = services.settings.deployment(deployment)
+    cluster = services.cluster(dep)
+    try:
+        running = await cluster.running(dep)
+    except DeploydError as exc:
+        shows = f"the cluster could not be read ({exc.message})"
+    else:
+        shows = "the cluster shows " + ", ".join(
+            f"{w['workload']}: "
+            + (
+                w.get("error")
+                or (
+                    f"deploy #{w['deploy_id']}, {w['rollout'].rstrip('.')}"
+                    if w["deploy_id"]
+                    else "not deployed by deployd"
+                )
+            )
+            for w in running
+        )
+    finally:
+        await cluster.close()
+    records.append_log(deploy_id, "roll", [f"-----> at recovery, {shows}"])
+    records.update(deploy_id, error=f"{rec.error} At recovery, {shows}.")
 
 
 def _clean_work_dirs(root: Path, keep: int | None) -> None:

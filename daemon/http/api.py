@@ -11,21 +11,19 @@ in constant time; without a configured token the API is closed.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
-from daemon import names
+from daemon import names, views
 from daemon.adapters.records import Records
 from daemon.config import Settings
-from daemon.core import deploys
+from daemon.core import usecases
+from daemon.core.logs import DeployLog
 from daemon.errors import DeploydError
 
-POLL_SECONDS = 0.2
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -36,9 +34,15 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 class Api:
     """Handlers over the records, guarded by the bearer token."""
 
-    def __init__(self, settings: Callable[[], Settings], records: Records) -> None:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        records: Records,
+        live: Callable[[int], DeployLog | None] = lambda _id: None,
+    ) -> None:
         self._settings = settings
         self.records = records
+        self._live = live
 
     def routes(self) -> list[web.RouteDef]:
         """The API's routes, each behind the token check."""
@@ -75,14 +79,15 @@ class Api:
         """Every configured deployment with its last successful and its unfinished deploys."""
         out = []
         for dep in self._settings().deployments:
+            deployed, in_flight = usecases.summary(self.records, dep)
             out.append(
                 {
                     "name": dep.name,
                     "branch": dep.branch,
                     "image": dep.image,
                     "github_repo": dep.github_repo,
-                    "deployed": self.records.last_succeeded(dep.name),
-                    "in_flight": self.records.in_flight(dep.name),
+                    "deployed": views.deploy_json(deployed) if deployed else None,
+                    "in_flight": [views.deploy_json(d) for d in in_flight],
                 }
             )
         return web.json_response(out)
@@ -96,14 +101,15 @@ class Api:
             limit = int(request.query.get("limit", "50"))
         except ValueError:
             return _error(400, "limit must be a whole number.")
-        return web.json_response(self.records.list_deploys(name, max(1, min(limit, 1000))))
+        rows = self.records.list_deploys(name, max(1, min(limit, 1000)))
+        return web.json_response([views.deploy_json(r) for r in rows])
 
     async def deploy(self, request: web.Request) -> web.Response:
         """One deploy record."""
         rec = self.records.get(names.deploy_id(request.match_info["id"]))
         if rec is None:
             return _error(404, f"there is no deploy #{request.match_info['id']}.")
-        return web.json_response(rec)
+        return web.json_response(views.deploy_json(rec))
 
     async def log(self, request: web.Request) -> web.StreamResponse:
         """The deploy's log as NDJSON; followed until the deploy ends unless follow=0."""
@@ -113,20 +119,8 @@ class Api:
         follow = request.query.get("follow", "1") not in ("0", "false", "no")
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        after = 0
-        while True:
-            rec = self.records.get(ident)
-            rows = self.records.log_lines(ident, after)
-            if rows:
-                after = rows[-1]["id"]
-                await resp.write(b"".join(_line(r) for r in rows))
-            if not follow or rec is None or rec["state"] in deploys.FINAL_STATES:
-                # Lines written between reading the state and the log are in `rows`.
-                break
-            await asyncio.sleep(POLL_SECONDS)
+        lines = usecases.follow_log(self.records, ident, live=self._live(ident), follow=follow)
+        async for row in lines:
+            await resp.write((json.dumps(views.log_json(row)) + "\n").encode())
         await resp.write_eof()
         return resp
-
-
-def _line(row: dict[str, Any]) -> bytes:
-    return (json.dumps({"ts": row["ts"], "step": row["step"], "line": row["line"]}) + "\n").encode()

@@ -31,7 +31,8 @@ from daemon.config import Settings
 from daemon.core import deploys
 from daemon.core.context import DeployRequest
 from daemon.core.deploys import Options
-from daemon.core.pipeline import Pipeline, preflight, queued_fields
+from daemon.core.pipeline import Pipeline, queued_fields
+from daemon.core.policy import Lifecycle, policy
 from daemon.errors import DeploydError
 
 log = logging.getLogger(__name__)
@@ -210,13 +211,7 @@ class Webhooks:
             payload = json.loads(body)
         except (UnicodeDecodeError, ValueError, RecursionError):
             return Verdict(400, {"error": "the body is not valid JSON."})
-        verdict = decide(event, payload, settings)
-        for req in verdict.requests:
-            try:
-                preflight(req)
-            except DeploydError as exc:
-                return _ignored(exc.message)
-        return verdict
+        return decide(event, payload, settings)
 
     def _redelivery(self, status: int, answer: dict[str, Any], ids: list[int]) -> web.Response:
         shown = []
@@ -226,10 +221,10 @@ class Webhooks:
                 shown.append(
                     {
                         "id": deploy_id,
-                        "deployment": rec["deployment"],
-                        "commit": rec["commit"],
-                        "state": rec["state"],
-                        "error": rec["error"],
+                        "deployment": rec.deployment,
+                        "commit": rec.commit,
+                        "state": rec.state,
+                        "error": rec.error,
                     }
                 )
         out = {**answer, "redelivery": True}
@@ -242,7 +237,9 @@ class Webhooks:
 
     def start(self, request: DeployRequest, deploy_id: int) -> None:
         """Run a queued webhook deploy in the background (unless the daemon is stopping)."""
-        if self.pipeline.stopping:  # recorded queued: the next daemon runs it
+        if (
+            self.pipeline.lifecycle is not Lifecycle.SERVING
+        ):  # stays queued: the next daemon runs it
             return
         task = asyncio.create_task(self._deploy(request, deploy_id))
         self.running.add(task)
@@ -254,24 +251,29 @@ class Webhooks:
         resumed = []
         for dep in settings.deployments:
             for rec in self.records.in_flight(dep.name):
-                if rec["trigger"] != "webhook" or rec["state"] != deploys.QUEUED:
+                if (
+                    rec.state != deploys.QUEUED
+                    or not policy(rec.trigger, rec.action).resumes_after_restart
+                ):
                     continue
                 # Only the daemon queues webhook deploys, and it is starting: every one
                 # still queued is its own (whatever process now has the old pid).
-                self.records.update(rec["id"], pid=os.getpid())
+                self.records.update(rec.id, pid=os.getpid())
                 request = DeployRequest(
                     deployment=dep,
                     repo=repos.repo_path(settings.server.state_dir, dep.name),
-                    commit=rec["commit"],
-                    ref=rec["ref"],
-                    subject=rec["description"],
+                    commit=rec.commit or "",
+                    ref=rec.ref,
+                    # Webhook deploys carry no description of their own: the
+                    # recorded one is the commit subject the delivery named.
+                    subject=rec.description,
                     trigger="webhook",
-                    actor=rec["actor"],
+                    actor=rec.actor,
                     options=Options(),
                     fetch=True,
                 )
-                self.start(request, rec["id"])
-                resumed.append(rec["id"])
+                self.start(request, rec.id)
+                resumed.append(rec.id)
         return resumed
 
     async def _deploy(self, request: DeployRequest, deploy_id: int) -> None:

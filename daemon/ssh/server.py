@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
@@ -25,9 +25,12 @@ from daemon import names, views
 from daemon.adapters import repos
 from daemon.adapters.records import Records
 from daemon.config import Deployment, Key, Settings
-from daemon.core import rollbacks
+from daemon.core import usecases
 from daemon.errors import DeploydError
 from daemon.ssh import pushrules
+
+if TYPE_CHECKING:
+    from daemon.core.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class SSHState:
     sessions: dict[str, PushSession] = field(default_factory=dict)
     keys: dict[str, Key] = field(default_factory=dict)
     # Runs rollbacks asked for over SSH (set by `deployd serve`).
-    pipeline: Any = None
+    pipeline: Pipeline | None = None
 
     def load_keys(self, settings: Settings) -> None:
         """Index the configured public keys by their key blob."""
@@ -185,6 +188,9 @@ async def _handle(state: SSHState, process: asyncssh.SSHServerProcess[bytes]) ->
         elif command.name == "status":
             _out(process, await _status(state, key, command))
             status = 0
+        elif command.name == "logs":
+            _out(process, await _logs(state, key, command))
+            status = 0
         else:
             _out(process, _run_command(state, key, command))
             status = 0
@@ -225,38 +231,25 @@ def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[
         return views.help_lines(port)
     if command.name == "deploys":
         if command.args:
-            dep = _deployment(state, key, command.args[0]).name
-            return views.deploy_table(records.list_deploys(dep, 50))
-        allowed = [d.name for d in state.settings.deployments if may_use(key, d.name)]
+            allowed = [_deployment(state, key, command.args[0]).name]
+        else:
+            allowed = [d.name for d in state.settings.deployments if may_use(key, d.name)]
         return views.deploy_table(records.list_deploys(allowed, 50))
-    if command.name == "logs":
-        rec = records.get(names.deploy_id(command.args[0]))
-        if rec is None or not may_use(key, rec["deployment"]):
-            # Same answer for "none" and "not yours": ids of others' deploys stay private.
-            raise Denied(f"there is no deploy #{command.args[0]} that key {key.name} may read.")
-        return [row["line"] for row in records.log_lines(rec["id"])]
     raise pushrules.Refused("unknown command.")
+
+
+async def _logs(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:
+    rec = state.records.get(names.deploy_id(command.args[0]))
+    if rec is None or not may_use(key, rec.deployment):
+        # Same answer for "none" and "not yours": ids of others' deploys stay private.
+        raise Denied(f"there is no deploy #{command.args[0]} that key {key.name} may read.")
+    return [row.line async for row in usecases.follow_log(state.records, rec.id, follow=False)]
 
 
 async def _status(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:
     dep = _deployment(state, key, command.args[0])
-    records = state.records
-    cluster: list[dict[str, Any]] | str = []
-    if dep.workloads:
-        from daemon.adapters.kubernetes.cluster import Cluster
-
-        kube = None
-        try:
-            kube = Cluster(state.settings.kubernetes, dep.namespace)
-            cluster = await kube.running(dep)
-        except DeploydError as exc:
-            cluster = f"unreachable: {exc.message}"
-        finally:
-            if kube is not None:
-                await kube.close()
-    return views.status_lines(
-        dep.name, records.last_succeeded(dep.name), records.in_flight(dep.name), cluster
-    )
+    assert state.pipeline is not None
+    return views.status_lines(await usecases.status(state.pipeline.services, dep))
 
 
 async def _rollback(
@@ -264,26 +257,20 @@ async def _rollback(
 ) -> int:
     dep = _deployment(state, key, command.args[0])
     wanted = int(command.args[1]) if len(command.args) > 1 else None
-    rec = rollbacks.target(state.records, dep, wanted)
-    rollbacks.check_versions(state.records, dep, rec, force=False)
-    request = rollbacks.request(
-        state.settings, dep, rec, trigger="ssh", actor=key.name, force=False
+    pipeline = state.pipeline
+    assert pipeline is not None
+    request = usecases.rollback(
+        state.settings, state.records, dep, wanted, trigger="ssh", actor=key.name, force=False
     )
     task = asyncio.current_task()
     assert task is not None
-    state.pipeline.commands.add(task)  # SIGTERM waits for it like for a push
+    pipeline.commands.add(task)  # SIGTERM waits for it like for a push
     try:
-        outcome = await state.pipeline.run(request, sink=lambda line: _err(process, line))
+        outcome = await pipeline.run(request, sink=lambda line: _err(process, line))
     finally:
-        state.pipeline.commands.discard(task)
+        pipeline.commands.discard(task)
     final = outcome.record
-    _out(
-        process,
-        [
-            f"deploy #{final['id']} {final['state']}: "
-            f"{final['error'] or final['image'] + ':' + final['tag']}"
-        ],
-    )
+    _out(process, [f"deploy #{final.id} {final.state}: {final.error or final.image_ref}"])
     return int(outcome.exit_code)
 
 

@@ -66,6 +66,8 @@ async def run(ctx: DeployContext) -> str:
         if await asyncio.to_thread(git.fetch_remote, req.repo, dep.fetch_url, req.commit, env):
             fetched = f", fetched in {time.monotonic() - t0:.2f} s"
     await asyncio.to_thread(git.export, req.repo, req.commit, ctx.source, req.object_env)
+    ctx.tree = await asyncio.to_thread(git.tree, req.repo, req.commit, req.object_env)
+    ctx.services.records.update(ctx.id, tree_sha=ctx.tree)
     await asyncio.to_thread(refuse_escaping_links, ctx.source)
     files = sum(1 for p in ctx.source.rglob("*") if p.is_file())
     return f"{req.commit[:12]} ({files} files{fetched})"

@@ -11,9 +11,9 @@ import asyncio
 from datetime import UTC, datetime
 
 from daemon.adapters.background import run_abandonable
-from daemon.adapters.images import STAGING_TAG
 from daemon.core import deploys
 from daemon.core.context import DeployContext
+from daemon.core.ports import STAGING_TAG
 
 
 async def upload(ctx: DeployContext) -> str:

@@ -16,21 +16,20 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from daemon.adapters.kubernetes import plan
 from daemon.adapters.kubernetes import rules as rollout
 from daemon.core import deploys
-from daemon.core.context import DeployContext, Services
+from daemon.core.context import DeployContext
 from daemon.errors import DeploydError, RolledBack
 
-if TYPE_CHECKING:  # daemon.adapters.kubernetes (lightkube) is imported only by deploys that roll
-    from daemon.adapters.kubernetes.cluster import Target
+if TYPE_CHECKING:
+    from daemon.adapters.kubernetes.plan import Target
 
 
 async def preflight(ctx: DeployContext) -> str:
     """Check the cluster before anything is built; keep the targets for the roll."""
-    from daemon.adapters.kubernetes.cluster import Cluster
-
     dep = ctx.deployment
-    cluster = Cluster(ctx.services.settings.kubernetes, dep.namespace)
+    cluster = ctx.services.cluster(dep)
     ctx.cluster = cluster
     ctx.targets = await cluster.preflight(dep)
     for t in ctx.targets:
@@ -44,14 +43,12 @@ async def preflight(ctx: DeployContext) -> str:
 
 async def run(ctx: DeployContext) -> str:
     """Patch every workload to the new image, wait, and roll back on failure."""
-    from daemon.adapters.kubernetes.cluster import ANNOTATION_COMMIT, ANNOTATION_DEPLOY
-
     dep, cluster, targets = ctx.deployment, ctx.cluster, ctx.targets
     assert cluster is not None, "preflight runs before roll"
     ref = f"{dep.image}:{ctx.tag}@{ctx.digest}"
     annotations: dict[str, str | None] = {
-        ANNOTATION_DEPLOY: str(ctx.id),
-        ANNOTATION_COMMIT: ctx.request.commit,
+        plan.ANNOTATION_DEPLOY: str(ctx.id),
+        plan.ANNOTATION_COMMIT: ctx.request.commit,
     }
     await _migrate(ctx, ref)
     patched: list[Target] = []
@@ -119,39 +116,6 @@ async def _draining(ctx: DeployContext, targets: list[Target]) -> str:
     return f"; {total} old worker pods draining" if total else ""
 
 
-async def reconcile(services: Services, deployment: str, deploy_id: int) -> None:
-    """After a deploy died during its roll: record what the cluster shows now."""
-    records = services.records
-    rec = records.get(deploy_id)
-    if rec is None or rec["step"] != "roll" or rec["state"] != deploys.INTERRUPTED:
-        return
-    from daemon.adapters.kubernetes.cluster import Cluster
-
-    dep = services.settings.deployment(deployment)
-    cluster = Cluster(services.settings.kubernetes, dep.namespace)
-    try:
-        running = await cluster.running(dep)
-    except DeploydError as exc:
-        shows = f"the cluster could not be read ({exc.message})"
-    else:
-        shows = "the cluster shows " + ", ".join(
-            f"{w['workload']}: "
-            + (
-                w.get("error")
-                or (
-                    f"deploy #{w['deploy_id']}, {w['rollout'].rstrip('.')}"
-                    if w["deploy_id"]
-                    else "not deployed by deployd"
-                )
-            )
-            for w in running
-        )
-    finally:
-        await cluster.close()
-    records.append_log(deploy_id, "roll", [f"-----> at recovery, {shows}"])
-    records.update(deploy_id, error=f"{rec['error']} At recovery, {shows}.")
-
-
 async def _migrate(ctx: DeployContext, ref: str) -> None:
     """On an Airflow upgrade (or the first deploy), `airflow db migrate` runs first as a Job.
 
@@ -159,11 +123,10 @@ async def _migrate(ctx: DeployContext, ref: str) -> None:
     would never become ready. A failed migration stops the deploy before any
     workload changed.
     """
-    records, dep, cluster = ctx.services.records, ctx.deployment, ctx.cluster
+    dep, cluster = ctx.deployment, ctx.cluster
     assert cluster is not None
-    new = ((records.get(ctx.id) or {}).get("report") or {}).get("airflow_version")
-    last = records.last_succeeded(dep.name)
-    running = ((last or {}).get("report") or {}).get("airflow_version")
+    new = ctx.airflow_version
+    running = ctx.previous.airflow_version if ctx.previous else None
     if not new or new == running:
         return
     if running and deploys.version_key(new) < deploys.version_key(running):
@@ -171,7 +134,7 @@ async def _migrate(ctx: DeployContext, ref: str) -> None:
         return
     source = next((t for t in ctx.targets if "scheduler" in t.workload.name), ctx.targets[0])
     obj = await cluster.get(source.workload)
-    job = cluster.migration_job(dep, obj, source.containers[0], ref, ctx.id)
+    job = plan.migration_job(dep, obj, source.containers[0], ref, ctx.id)
     ctx.say(
         f"-----> Airflow {running or '(first deploy)'} -> {new}: airflow db migrate first "
         f"(job/{job['metadata']['name']}, from {source.workload})",

@@ -12,21 +12,20 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from tests.kubesim import discovery, protobuf
 from tests.kubesim import patch as patching
 from tests.kubesim.controllers import Controllers
-from tests.kubesim.store import BY_PATH, RESOURCES, ApiError, Resource, Store, Watcher, dumps
+from tests.kubesim.store import (
+    BY_PATH,
+    ApiError,
+    Resource,
+    Store,
+    Watcher,
+    dumps,
+    field_matcher,
+    label_matcher,
+)
 
-VERSION = {
-    "major": "1",
-    "minor": "32",
-    "gitVersion": "v1.32.0-kubesim",
-    "platform": "linux/amd64",
-    "goVersion": "go1.23",
-    "compiler": "gc",
-    "gitCommit": "kubesim",
-    "buildDate": "",
-    "gitTreeState": "clean",
-}
 USER = web.RequestKey("user", tuple)
 DROP_AFTER = web.RequestKey("drop_after", int)
 PATCH_TYPES = {
@@ -109,7 +108,7 @@ class Sim:
             break
         try:
             # Discovery and /version are open to everyone, as RBAC's system:discovery makes them.
-            open_path = request.path.rstrip("/") in _DISCOVERY or request.path == "/version"
+            open_path = request.path.rstrip("/") in discovery.PATHS or request.path == "/version"
             request[USER] = ("anonymous", set()) if open_path else self._user(request)
             return await handler(request)
         except ApiError as exc:
@@ -119,48 +118,23 @@ class Sim:
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         parts = [unquote(p) for p in request.path.strip("/").split("/") if p]
-        if parts == ["version"]:
-            return web.json_response(VERSION)
-        if parts == ["api"]:
-            return web.json_response(
-                {
-                    "kind": "APIVersions",
-                    "versions": ["v1"],
-                    "serverAddressByClientCIDRs": [
-                        {"clientCIDR": "0.0.0.0/0", "serverAddress": request.host}
-                    ],
-                }
-            )
-        if parts == ["apis"]:
-            return web.json_response(_group_list())
-        if parts == ["api", "v1"]:
-            return web.json_response(_resource_list("", "v1"))
-        if len(parts) == 3 and parts[0] == "apis" and (parts[1], parts[2]) in _GROUP_VERSIONS:
-            return web.json_response(_resource_list(parts[1], parts[2]))
-        if parts[:2] == ["api", "v1"]:
-            group, version, rest = "", "v1", parts[2:]
-        elif parts[:1] == ["apis"] and len(parts) >= 3:
-            group, version, rest = parts[1], parts[2], parts[3:]
-        else:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        ns = None
-        if len(rest) >= 3 and rest[0] == "namespaces":
-            ns, rest = rest[1], rest[2:]
-        if not rest or (group, version, rest[0]) not in BY_PATH:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        res = BY_PATH[(group, version, rest[0])]
-        name = rest[1] if len(rest) > 1 else None
-        sub = rest[2] if len(rest) > 2 else ""
-        if sub and sub not in res.subresources:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if res.namespaced and ns is None and (name is not None or request.method != "GET"):
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        answer = discovery.answer(request, parts)
+        if answer is not None:
+            return answer
+        res, ns, name, sub = _locate(parts, request.method)
         verb = _verb(request, name)
         self._authorize(request, res, verb, ns, name, sub)
         if res.plural == "selfsubjectaccessreviews":
             return await self._access_review(request)
         if verb == "watch":
             return await self._watch(request, res, ns)
+        if verb in ("list", "get"):
+            return self._read(request, res, verb, ns, name)
+        return await self._write(request, res, verb, ns, name, sub)
+
+    def _read(
+        self, request: web.Request, res: Resource, verb: str, ns: str | None, name: str | None
+    ) -> web.Response:
         if verb == "list":
             items = self.store.list(
                 res, ns, request.query.get("labelSelector"), request.query.get("fieldSelector")
@@ -172,9 +146,18 @@ class Sim:
                 "items": items,
             }
             return _answer(request, res, body)
-        if verb == "get":
-            assert name is not None
-            return _answer(request, res, self.store.get(res, ns, name))
+        assert name is not None
+        return _answer(request, res, self.store.get(res, ns, name))
+
+    async def _write(
+        self,
+        request: web.Request,
+        res: Resource,
+        verb: str,
+        ns: str | None,
+        name: str | None,
+        sub: str,
+    ) -> web.Response:
         dry = request.query.get("dryRun") == "All"
         if verb == "create":
             obj = await _json(request)
@@ -268,8 +251,6 @@ class Sim:
     async def _watch(
         self, request: web.Request, res: Resource, ns: str | None
     ) -> web.StreamResponse:
-        from tests.kubesim.store import field_matcher, label_matcher
-
         watcher = Watcher(
             res,
             ns,
@@ -282,54 +263,17 @@ class Sim:
         drop_after = request.get(DROP_AFTER)
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
-        initial: list[dict[str, Any]] = []
-        if rv_text in ("", "0"):
-            initial = [
-                {"type": "ADDED", "object": o}
-                for o in self.store.list(
-                    res, ns, request.query.get("labelSelector"), request.query.get("fieldSelector")
-                )
-            ]
-        else:
-            try:
-                since = self.store.events_since(int(rv_text))
-            except ValueError:
-                since = None
-            if since is None:
-                gone = ApiError(
-                    410, "Expired", f"too old resource version: {rv_text} ({self.store.rv})"
-                )
-                await resp.write(dumps({"type": "ERROR", "object": gone.status()}) + b"\n")
-                await resp.write_eof()
-                return resp
-            initial = [
-                {"type": kind, "object": obj} for _, r, kind, obj in since if watcher.wants(r, obj)
-            ]
+        initial = self._initial_events(request, res, ns, watcher, rv_text)
+        if initial is None:
+            gone = ApiError(
+                410, "Expired", f"too old resource version: {rv_text} ({self.store.rv})"
+            )
+            await resp.write(dumps({"type": "ERROR", "object": gone.status()}) + b"\n")
+            await resp.write_eof()
+            return resp
         self.store.watchers.add(watcher)
-        sent = 0
-        deadline = time.monotonic() + timeout
         try:
-            for event in initial:
-                await resp.write(dumps(event) + b"\n")
-                sent += 1
-            while time.monotonic() < deadline:
-                if drop_after is not None and sent >= drop_after:
-                    break
-                try:
-                    event = await asyncio.wait_for(watcher.queue.get(), timeout=1.0)
-                except TimeoutError:
-                    if bookmarks:
-                        mark = {
-                            "kind": res.kind,
-                            "apiVersion": res.group_version,
-                            "metadata": {"resourceVersion": str(self.store.rv)},
-                        }
-                        await resp.write(dumps({"type": "BOOKMARK", "object": mark}) + b"\n")
-                    continue
-                if event is None:
-                    break
-                await resp.write(dumps(event) + b"\n")
-                sent += 1
+            await self._stream(resp, res, watcher, initial, timeout, bookmarks, drop_after)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -337,6 +281,63 @@ class Sim:
         with contextlib.suppress(ConnectionResetError):
             await resp.write_eof()
         return resp
+
+    def _initial_events(
+        self, request: web.Request, res: Resource, ns: str | None, watcher: Watcher, rv_text: str
+    ) -> list[dict[str, Any]] | None:
+        """What a watch from `rv_text` sends first; None when that version is too old."""
+        if rv_text in ("", "0"):
+            return [
+                {"type": "ADDED", "object": o}
+                for o in self.store.list(
+                    res, ns, request.query.get("labelSelector"), request.query.get("fieldSelector")
+                )
+            ]
+        try:
+            since = self.store.events_since(int(rv_text))
+        except ValueError:
+            since = None
+        if since is None:
+            return None
+        return [{"type": kind, "object": obj} for _, r, kind, obj in since if watcher.wants(r, obj)]
+
+    async def _stream(
+        self,
+        resp: web.StreamResponse,
+        res: Resource,
+        watcher: Watcher,
+        initial: list[dict[str, Any]],
+        timeout: float,
+        bookmarks: bool,
+        drop_after: int | None,
+    ) -> None:
+        """Send the initial events, then the watcher's, until the timeout or `drop_after`."""
+        sent = 0
+        deadline = time.monotonic() + timeout
+        for event in initial:
+            await resp.write(dumps(event) + b"\n")
+            sent += 1
+        while time.monotonic() < deadline:
+            if drop_after is not None and sent >= drop_after:
+                break
+            try:
+                queued = await asyncio.wait_for(watcher.queue.get(), timeout=1.0)
+            except TimeoutError:
+                if bookmarks:
+                    await self._bookmark(resp, res)
+                continue
+            if queued is None:
+                break
+            await resp.write(dumps(queued) + b"\n")
+            sent += 1
+
+    async def _bookmark(self, resp: web.StreamResponse, res: Resource) -> None:
+        mark = {
+            "kind": res.kind,
+            "apiVersion": res.group_version,
+            "metadata": {"resourceVersion": str(self.store.rv)},
+        }
+        await resp.write(dumps({"type": "BOOKMARK", "object": mark}) + b"\n")
 
 
 def _verb(request: web.Request, name: str | None) -> str:
@@ -348,6 +349,33 @@ def _verb(request: web.Request, name: str | None) -> str:
     return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
         method, "unknown"
     )
+
+
+def _locate(parts: list[str], method: str) -> tuple[Resource, str | None, str | None, str]:
+    """A resource path's resource, namespace, name and subresource (404 if there is none)."""
+    if parts[:2] == ["api", "v1"]:
+        group, version, rest = "", "v1", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        group, version, rest = parts[1], parts[2], parts[3:]
+    else:
+        raise _no_such_path()
+    ns = None
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        ns, rest = rest[1], rest[2:]
+    if not rest or (group, version, rest[0]) not in BY_PATH:
+        raise _no_such_path()
+    res = BY_PATH[(group, version, rest[0])]
+    name = rest[1] if len(rest) > 1 else None
+    sub = rest[2] if len(rest) > 2 else ""
+    if sub and sub not in res.subresources:
+        raise _no_such_path()
+    if res.namespaced and ns is None and (name is not None or method != "GET"):
+        raise _no_such_path()
+    return res, ns, name, sub
+
+
+def _no_such_path() -> ApiError:
+    return ApiError(404, "NotFound", "the server could not find the requested resource")
 
 
 def _reason(status: int) -> str:
@@ -368,7 +396,7 @@ def _reason(status: int) -> str:
 
 async def _json(request: web.Request, any_json: bool = False) -> Any:
     if request.content_type == "application/vnd.kubernetes.protobuf":
-        return _protobuf_review(await request.read())
+        return protobuf.access_review(await request.read())
     if request.content_type not in ("application/json", "") and "json" not in request.content_type:
         # Protobuf and CBOR are not spoken here; client-go then retries with JSON.
         raise ApiError(
@@ -385,60 +413,6 @@ async def _json(request: web.Request, any_json: bool = False) -> Any:
     if not any_json and not isinstance(body, dict):
         raise ApiError(400, "BadRequest", "the body must be a JSON object")
     return body
-
-
-def _fields(data: bytes) -> dict[int, list[bytes | int]]:
-    """Decode one protobuf message level: field number -> values (varints or bytes)."""
-    out: dict[int, list[bytes | int]] = {}
-    i = 0
-
-    def varint() -> int:
-        nonlocal i
-        shift = value = 0
-        while True:
-            b = data[i]
-            i += 1
-            value |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return value
-
-    while i < len(data):
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            out.setdefault(number, []).append(varint())
-        elif wire == 2:
-            size = varint()
-            out.setdefault(number, []).append(data[i : i + size])
-            i += size
-        else:
-            raise ApiError(400, "BadRequest", "unsupported protobuf wire type")
-    return out
-
-
-def _protobuf_review(body: bytes) -> dict[str, Any]:
-    """A SelfSubjectAccessReview sent as protobuf (kubectl auth can-i does), as JSON."""
-    if not body.startswith(b"k8s\x00"):
-        raise ApiError(400, "BadRequest", "not a Kubernetes protobuf envelope")
-    raw = _fields(body[4:]).get(2, [b""])[0]  # runtime.Unknown.raw
-    spec = _fields(_fields(raw).get(2, [b""])[0])  # .spec
-    attrs = _fields(spec.get(1, [b""])[0]) if 1 in spec else {}
-    names = {
-        1: "namespace",
-        2: "verb",
-        3: "group",
-        4: "version",
-        5: "resource",
-        6: "subresource",
-        7: "name",
-    }
-    resource = {
-        name: attrs[n][0].decode()
-        for n, name in names.items()  # type: ignore[union-attr]
-        if n in attrs
-    }
-    return {"spec": {"resourceAttributes": resource}}
 
 
 def _validate(res: Resource, name: str, obj: dict[str, Any]) -> None:
@@ -503,50 +477,4 @@ def _table(res: Resource, body: dict[str, Any]) -> dict[str, Any]:
         "metadata": {"resourceVersion": body["metadata"].get("resourceVersion", "")},
         "columnDefinitions": cols,
         "rows": rows,
-    }
-
-
-_GROUP_VERSIONS = {(r.group, r.version) for r in RESOURCES if r.group}
-_DISCOVERY = {"/api", "/apis", "/api/v1"} | {f"/apis/{g}/{v}" for g, v in _GROUP_VERSIONS}
-
-
-def _group_list() -> dict[str, Any]:
-    groups = []
-    for group in sorted({g for g, _ in _GROUP_VERSIONS}):
-        gv = {"groupVersion": f"{group}/v1", "version": "v1"}
-        groups.append({"name": group, "versions": [gv], "preferredVersion": gv})
-    return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
-
-
-def _resource_list(group: str, version: str) -> dict[str, Any]:
-    resources = []
-    for r in RESOURCES:
-        if (r.group, r.version) != (group, version):
-            continue
-        resources.append(
-            {
-                "name": r.plural,
-                "singularName": r.singular,
-                "namespaced": r.namespaced,
-                "kind": r.kind,
-                "verbs": list(r.verbs),
-                "shortNames": list(r.short),
-            }
-        )
-        for sub in r.subresources:
-            resources.append(
-                {
-                    "name": f"{r.plural}/{sub}",
-                    "singularName": "",
-                    "namespaced": r.namespaced,
-                    "kind": r.kind,
-                    "verbs": ["get", "patch", "update"],
-                }
-            )
-    gv = f"{group}/{version}" if group else version
-    return {
-        "kind": "APIResourceList",
-        "apiVersion": "v1",
-        "groupVersion": gv,
-        "resources": resources,
     }

@@ -1,6 +1,8 @@
 """Adapter to the Kubernetes API (lightkube, async): preflight, patch, watch, roll back.
 
-Workloads are read and written as plain dicts; what "done" means lives in
+Only I/O lives here: workloads are read as plain dicts, and what to send (the
+targets, the patch, which pods to delete) is decided in
+daemon/adapters/kubernetes/plan.py; what "done" means lives in
 daemon/adapters/kubernetes/rules.py. API and connection errors become DeploydErrors with the
 API server's own message: an unreachable cluster is DependencyUnreachable,
 a refusal (RBAC, missing object) is ClusterError; both exit 4.
@@ -10,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import httpx2
@@ -27,72 +27,18 @@ from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Pod
 from lightkube.types import CascadeType, PatchType
 
+from daemon.adapters.kubernetes import plan
 from daemon.adapters.kubernetes import rules as rollout
+from daemon.adapters.kubernetes.plan import Target
 from daemon.config import Deployment, KubernetesSettings, Workload
 from daemon.errors import ClusterError, DependencyUnreachable
 
 T = TypeVar("T")
 KINDS: dict[str, Any] = {"deployment": K8sDeployment, "statefulset": K8sStatefulSet}
-GROUP_RESOURCE = {"deployment": ("apps", "deployments"), "statefulset": ("apps", "statefulsets")}
-ANNOTATION_DEPLOY = "deployd.dev/deploy-id"
-ANNOTATION_COMMIT = "deployd.dev/commit"
-# Where Airflow's KubernetesExecutor reads the image of task pods (Airflow 3, then 2).
-EXECUTOR_IMAGE_ENV = (
-    (
-        "AIRFLOW__KUBERNETES_EXECUTOR__WORKER_CONTAINER_REPOSITORY",
-        "AIRFLOW__KUBERNETES_EXECUTOR__WORKER_CONTAINER_TAG",
-    ),
-    (
-        "AIRFLOW__KUBERNETES__WORKER_CONTAINER_REPOSITORY",
-        "AIRFLOW__KUBERNETES__WORKER_CONTAINER_TAG",
-    ),
-)
+Judge = Callable[[dict[str, Any]], rollout.Verdict]
 
 
-def managers(meta: dict[str, Any]) -> list[str]:
-    """Tools that also own this object: their next sync undoes deployd's patch."""
-    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
-    out = []
-    if labels.get("app.kubernetes.io/managed-by") == "Helm" or "meta.helm.sh/release-name" in (
-        annotations
-    ):
-        out.append("Helm")
-    if "argocd.argoproj.io/tracking-id" in annotations or "argocd.argoproj.io/instance" in labels:
-        out.append("Argo CD")
-    return out
-
-
-def _selector(obj: dict[str, Any]) -> dict[str, str]:
-    """A workload's pod selector (matchLabels)."""
-    return dict(((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {})
-
-
-def repository(image: str) -> str:
-    """`registry/path` of an image reference, without tag or digest."""
-    name = image.split("@", 1)[0]
-    last = name.rsplit("/", 1)[-1]
-    return name.rsplit(":", 1)[0] if ":" in last else name
-
-
-@dataclass
-class Target:
-    """One workload to roll: what it runs now and which containers get the new image."""
-
-    workload: Workload
-    containers: list[str]
-    init_containers: list[str]
-    images: dict[str, str]  # container name -> image before this deploy
-    executor_env: dict[str, dict[str, str]] = field(default_factory=dict)  # container -> env
-    worker: bool = False
-    generation: int = 0
-    # The pod template as it was, to restore it exactly on rollback (the old
-    # ReplicaSet / revision is then reused).
-    annotations: dict[str, str | None] = field(default_factory=dict)
-    grace: int | None = None
-    env: dict[str, dict[str, str]] = field(default_factory=dict)
-
-
-class Cluster:
+class KubeCluster:
     """The deployment's cluster, through one lightkube client."""
 
     def __init__(self, settings: KubernetesSettings, namespace: str) -> None:
@@ -119,10 +65,18 @@ class Cluster:
     async def _api(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
         return await _with_retries(doing, call)
 
-    async def _pods(self, workload: Workload, selector: dict[str, str]) -> list[Pod]:
-        async def listing() -> list[Pod]:
+    # -- reading -------------------------------------------------------------
+
+    async def _read(self, kind: Any, name: str, what: str) -> dict[str, Any]:
+        obj = await self._api(
+            f"reading {what}", lambda: self.client.get(kind, name, namespace=self.namespace)
+        )
+        return dict(obj.to_dict())
+
+    async def _pods(self, workload: Workload, selector: dict[str, str]) -> list[dict[str, Any]]:
+        async def listing() -> list[dict[str, Any]]:
             return [
-                p
+                dict(p.to_dict())
                 async for p in self.client.list(
                     Pod, namespace=self.namespace, labels=dict[str, Any](selector)
                 )
@@ -130,33 +84,18 @@ class Cluster:
 
         return await self._api(f"listing the pods of {workload}", listing)
 
-    # -- reading -------------------------------------------------------------
-
     async def get(self, workload: Workload) -> dict[str, Any]:
-        obj = await self._api(
-            f"reading {workload}",
-            lambda: self.client.get(KINDS[workload.kind], workload.name, namespace=self.namespace),
-        )
-        return dict(obj.to_dict())
+        """The workload as the API server has it, as a plain dict."""
+        return await self._read(KINDS[workload.kind], workload.name, str(workload))
 
     async def preflight(self, dep: Deployment) -> list[Target]:
         """Every workload exists, has containers on the deployment's image, and may be rolled."""
         await self._may(dep)
-        targets = await asyncio.gather(*(self._target(dep, w) for w in dep.workloads))
-        return list(targets)
+        objs = await asyncio.gather(*(self.get(w) for w in dep.workloads))
+        return [plan.target_from(dep, w, o) for w, o in zip(dep.workloads, objs, strict=True)]
 
     async def _may(self, dep: Deployment) -> None:
-        # The workloads, and the Job that migrates the database on an Airflow upgrade.
-        wanted = sorted(
-            {
-                (GROUP_RESOURCE[w.kind], verb)
-                for w in dep.workloads
-                for verb in ("get", "patch", "watch")
-            }
-        ) + [(("batch", "jobs"), verb) for verb in ("create", "get", "watch", "delete")]
-        wanted.append((("", "pods"), "list"))
-        if any(w.kind == "statefulset" for w in dep.workloads):
-            wanted.append((("", "pods"), "delete"))  # stuck pods, on a rollback
+        wanted = plan.wanted_permissions(dep)
 
         async def allowed(group: str, resource: str, verb: str) -> bool:
             review = SelfSubjectAccessReview(
@@ -169,74 +108,10 @@ class Cluster:
             answer = await self._api("checking permissions", lambda: self.client.create(review))
             return bool(answer.status and answer.status.allowed)
 
-        results = await asyncio.gather(*(allowed(g, r, v) for (g, r), v in wanted))
-        denied = [
-            f"{verb} {resource}.{group}" if group else f"{verb} {resource}"
-            for ((group, resource), verb), ok in zip(wanted, results, strict=True)
-            if not ok
-        ]
+        results = await asyncio.gather(*(allowed(*p) for p in wanted))
+        denied = [p for p, ok in zip(wanted, results, strict=True) if not ok]
         if denied:
-            raise ClusterError(
-                f"the cluster credentials may not {', '.join(denied)} in "
-                f"namespace {self.namespace}; grant them (RBAC) to deployd."
-            )
-
-    async def _target(self, dep: Deployment, workload: Workload) -> Target:
-        obj = await self.get(workload)
-        pod = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
-        repo = repository(dep.image)
-
-        def chosen(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            if dep.containers:
-                return [c for c in items if c.get("name") in dep.containers]
-            return [c for c in items if repository(str(c.get("image", ""))) == repo]
-
-        strategy = ((obj.get("spec") or {}).get("updateStrategy") or {}).get("type")
-        if workload.kind == "statefulset" and strategy not in (None, "RollingUpdate"):
-            raise ClusterError(
-                f"{workload} uses updateStrategy {strategy}: patching it would change no pod; "
-                "deployd rolls StatefulSets with the RollingUpdate strategy."
-            )
-        containers = chosen(pod.get("containers") or [])
-        inits = chosen(pod.get("initContainers") or [])
-        if not containers and not inits:
-            seen = ", ".join(
-                f"{c.get('name')}={c.get('image')}"
-                for c in (pod.get("containers") or []) + (pod.get("initContainers") or [])
-            )
-            want = f"named {', '.join(dep.containers)}" if dep.containers else f"running {repo}"
-            raise ClusterError(
-                f"{workload} in namespace {self.namespace} has no container "
-                f"{want} (it runs {seen or 'nothing'}); set `containers` to the "
-                "names that should get the new image."
-            )
-        executor_env: dict[str, dict[str, str]] = {}
-        for c in containers:
-            env = {
-                e.get("name"): e.get("value")
-                for e in c.get("env") or []
-                if isinstance(e, dict) and "value" in e
-            }
-            for repo_var, tag_var in EXECUTOR_IMAGE_ENV:
-                if repo_var in env or tag_var in env:
-                    executor_env[c["name"]] = {
-                        repo_var: str(env.get(repo_var) or ""),
-                        tag_var: str(env.get(tag_var) or ""),
-                    }
-        template = ((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}
-        saved = template.get("annotations") or {}
-        return Target(
-            workload=workload,
-            containers=[c["name"] for c in containers],
-            init_containers=[c["name"] for c in inits],
-            images={c["name"]: str(c.get("image")) for c in containers + inits},
-            executor_env=executor_env,
-            worker=workload in dep.worker_workloads,
-            generation=int((obj.get("metadata") or {}).get("generation") or 0),
-            annotations={k: saved.get(k) for k in (ANNOTATION_DEPLOY, ANNOTATION_COMMIT)},
-            grace=pod.get("terminationGracePeriodSeconds"),
-            env=executor_env,
-        )
+            raise ClusterError(plan.permission_refusal(self.namespace, denied))
 
     async def running(self, dep: Deployment) -> list[dict[str, Any]]:
         """What each workload runs, as the cluster says: template, rollout and pods."""
@@ -247,73 +122,17 @@ class Cluster:
             except ClusterError as exc:
                 out.append({"workload": str(workload), "error": exc.message})
                 continue
-            template = (obj.get("spec") or {}).get("template") or {}
-            annotations = (template.get("metadata") or {}).get("annotations") or {}
-            containers = (template.get("spec") or {}).get("containers") or []
-            selector = _selector(obj)
-            pods = [p.to_dict() for p in await self._pods(workload, selector)]
-            images: dict[str, int] = {}
-            for pod in pods:
-                if (pod.get("metadata") or {}).get("deletionTimestamp"):
-                    continue
-                for c in (pod.get("status") or {}).get("containerStatuses") or []:
-                    key = c.get("imageID") or c.get("image") or "?"
-                    images[key] = images.get(key, 0) + 1
-            meta = obj.get("metadata") or {}
-            out.append(
-                {
-                    "workload": str(workload),
-                    "managed_by": managers(meta),
-                    "deploy_id": annotations.get(ANNOTATION_DEPLOY),
-                    "images": {c.get("name"): c.get("image") for c in containers},
-                    "rollout": rollout.verdict(workload.kind, obj).message,
-                    "pods_running": images,
-                }
-            )
+            pods = await self._pods(workload, plan.selector(obj))
+            out.append(plan.workload_status(workload, obj, pods))
         return out
 
     async def draining(self, workload: Workload) -> int:
         """How many of the workload's pods are terminating (workers finishing their tasks)."""
         obj = await self.get(workload)
-        selector = _selector(obj)
-        pods = await self._pods(workload, selector)
-        return sum(
-            1 for p in pods if p.metadata is not None and p.metadata.deletionTimestamp is not None
-        )
+        pods = await self._pods(workload, plan.selector(obj))
+        return sum(1 for p in pods if plan.terminating(p))
 
     # -- migrations ----------------------------------------------------------
-
-    def migration_job(
-        self, dep: Deployment, source: dict[str, Any], container: str, image: str, deploy_id: int
-    ) -> dict[str, Any]:
-        """A Job running `airflow db migrate` with `image`, from a workload's pod template.
-
-        It keeps what the container needs to reach the database (env, envFrom,
-        volumes, service account, security context) and drops what would stop
-        it: init containers (the Helm chart's wait-for-migrations), probes, sidecars.
-        """
-        template = json.loads(json.dumps((source.get("spec") or {}).get("template") or {}))
-        pod = template.get("spec") or {}
-        main = next(c for c in pod.get("containers") or [] if c.get("name") == container)
-        for probe in ("livenessProbe", "readinessProbe", "startupProbe", "lifecycle"):
-            main.pop(probe, None)
-        main.update(image=image, command=["airflow", "db", "migrate"])
-        main.pop("args", None)
-        pod.update(containers=[main], restartPolicy="Never")
-        pod.pop("initContainers", None)
-        meta = template.setdefault("metadata", {})
-        labels = {"deployd.dev/deploy-id": str(deploy_id), "deployd.dev/job": "migrate"}
-        meta["labels"] = labels
-        return {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {
-                "name": f"{dep.name[: 63 - len(f'-migrate-{deploy_id}')]}-migrate-{deploy_id}",
-                "labels": labels,
-                "namespace": self.namespace,
-            },
-            "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 86400, "template": template},
-        }
 
     async def run_job(
         self, job: dict[str, Any], deadline: float, progress: Callable[[str], None]
@@ -356,36 +175,12 @@ class Cluster:
             if exc.reason != "AlreadyExists":  # a retried create that had gone through
                 raise
         progress(f"job/{name} created")
-        while time.monotonic() < deadline:
-            obj = (
-                await self._api(
-                    f"reading job {name}",
-                    lambda: self.client.get(Job, name, namespace=self.namespace),
-                )
-            ).to_dict()
-            for cond in (obj.get("status") or {}).get("conditions") or []:
-                if cond.get("status") != "True":
-                    continue
-                if cond.get("type") == "Complete":
-                    progress(f"job/{name} complete")
-                    return "", True
-                if cond.get("type") == "Failed":
-                    return f"job/{name} failed: {cond.get('message') or cond.get('reason')}", True
-            rv = (obj.get("metadata") or {}).get("resourceVersion")
-            try:
-                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                    async for _, _item in self.client.watch(
-                        Job,
-                        namespace=self.namespace,
-                        fields={"metadata.name": name},
-                        resource_version=rv,
-                        server_timeout=60,
-                    ):
-                        break  # something changed: read it again above
-            except TimeoutError:
-                break
-            except (ApiError, httpx2.HTTPError):
-                await asyncio.sleep(0.5)
+        verdict = await self._follow(Job, name, f"job {name}", deadline, rollout.job)
+        if verdict.done:
+            progress(verdict.message)
+            return "", True
+        if verdict.failed:
+            return verdict.message, True
         return f"job/{name} did not finish in time", False
 
     # -- writing -------------------------------------------------------------
@@ -398,34 +193,8 @@ class Cluster:
         grace: int | None,
         env: dict[str, dict[str, str]] | None = None,
     ) -> dict[str, Any]:
-        """One strategic-merge patch: images, pod-template annotations, worker grace.
-
-        Containers that tell KubernetesExecutor the task pods' image get it in the
-        same patch: `env` (a rollback's saved values) or derived from the new image.
-        """
-        containers = []
-        for name in target.containers:
-            item: dict[str, Any] = {"name": name, "image": image_for(name)}
-            env_vars = target.executor_env.get(name)
-            if env_vars:
-                ref = image_for(name)
-                repo = repository(ref)
-                values = (env or {}).get(name) or {
-                    var: repo if var.endswith("REPOSITORY") else ref[len(repo) + 1 :]
-                    for var in env_vars
-                }
-                item["env"] = [{"name": var, "value": values[var]} for var in env_vars]
-            containers.append(item)
-        spec: dict[str, Any] = {}
-        if containers:
-            spec["containers"] = containers
-        if target.init_containers:
-            spec["initContainers"] = [
-                {"name": n, "image": image_for(n)} for n in target.init_containers
-            ]
-        if grace is not None:
-            spec["terminationGracePeriodSeconds"] = grace
-        body = {"spec": {"template": {"metadata": {"annotations": annotations}, "spec": spec}}}
+        """Send plan.patch_body (one strategic-merge patch); the workload as patched."""
+        body = plan.patch_body(target, image_for, annotations, grace, env)
         obj = await self._api(
             f"patching {target.workload}",
             lambda: self.client.patch(
@@ -445,10 +214,9 @@ class Cluster:
         pods of the failed revision that are stuck (crash loop, image pull) are
         deleted so that the controller recreates them from the restored template.
         """
-        failed_revision = None
+        obj = None
         if target.workload.kind == "statefulset":
             obj = await self.get(target.workload)
-            failed_revision = (obj.get("status") or {}).get("updateRevision")
         await self.patch_image(
             target,
             lambda name: target.images[name],
@@ -456,24 +224,14 @@ class Cluster:
             target.grace if target.worker else None,
             target.env,
         )
-        if failed_revision:
-            await self._delete_stuck_pods(target.workload, failed_revision)
-
-    async def _delete_stuck_pods(self, workload: Workload, revision: str) -> None:
-        obj = await self.get(workload)
-        selector = _selector(obj)
-        for pod in await self._pods(workload, selector):
-            meta = pod.metadata
-            if meta is None or meta.name is None or meta.deletionTimestamp is not None:
-                continue
-            if (meta.labels or {}).get("controller-revision-hash") != revision:
-                continue
-            ready = any(
-                c.type == "Ready" and c.status == "True"
-                for c in ((pod.status.conditions if pod.status else None) or [])
-            )
-            if not ready:
-                await self._delete_pod(meta.name)
+        failed_revision = ((obj or {}).get("status") or {}).get("updateRevision")
+        if obj is None or not failed_revision:
+            return
+        # The selector of an apps/v1 workload is immutable: the read above still holds.
+        for name in plan.stuck_pods(
+            await self._pods(target.workload, plan.selector(obj)), failed_revision
+        ):
+            await self._delete_pod(name)
 
     async def _delete_pod(self, name: str) -> None:
         async def delete() -> None:
@@ -488,7 +246,7 @@ class Cluster:
         workload: Workload,
         deadline: float,
         progress: Callable[[str], None],
-        judge: Callable[[dict[str, Any]], rollout.Verdict] | None = None,
+        judge: Judge | None = None,
     ) -> rollout.Verdict:
         """Follow a workload through watches until kubectl would call it done or failed.
 
@@ -496,43 +254,85 @@ class Cluster:
         fails (after its retries) or a dropped or expired watch is picked up
         again from a fresh read until the deadline: the caller decides then.
         """
-        judge = judge or (lambda obj: rollout.verdict(workload.kind, obj))
+        kind = workload.kind
+        return await self._follow(
+            KINDS[kind],
+            workload.name,
+            str(workload),
+            deadline,
+            judge or (lambda obj: rollout.verdict(kind, obj)),
+            progress,
+            patient=True,
+        )
+
+    async def _follow(
+        self,
+        kind: Any,
+        name: str,
+        what: str,
+        deadline: float,
+        judge: Judge,
+        progress: Callable[[str], None] | None = None,
+        *,
+        patient: bool = False,
+    ) -> rollout.Verdict:
+        """Read, judge, then watch from that read until done, failed or the deadline.
+
+        Each new verdict message goes to `progress`. A dropped or expired watch
+        is picked up from a fresh read; so is a read that failed after its
+        retries when `patient` (else its error is raised). Returns the last
+        verdict: neither done nor failed when the deadline passed.
+        """
         last = ""
         verdict = rollout.Verdict(False, "not read yet")
+
+        def judged(obj: dict[str, Any]) -> rollout.Verdict:
+            nonlocal last
+            out = judge(obj)
+            if progress is not None and out.message != last:
+                progress(out.message)
+                last = out.message
+            return out
+
         while time.monotonic() < deadline:
             try:
-                obj = await self.get(workload)
+                obj = await self._read(kind, name, what)
             except (ClusterError, DependencyUnreachable) as exc:
+                if not patient:
+                    raise
                 verdict = rollout.Verdict(False, f"cannot read it: {exc.message}")
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
-            verdict = judge(obj)
-            if verdict.message != last:
-                progress(verdict.message)
-                last = verdict.message
+            verdict = judged(obj)
             if verdict.done or verdict.failed:
                 return verdict
             rv = (obj.get("metadata") or {}).get("resourceVersion")
             try:
                 async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                    async for _, item in self.client.watch(
-                        KINDS[workload.kind],
-                        namespace=self.namespace,
-                        fields={"metadata.name": workload.name},
-                        resource_version=rv,
-                        server_timeout=60,
-                    ):
-                        verdict = judge(dict(item.to_dict()))
-                        if verdict.message != last:
-                            progress(verdict.message)
-                            last = verdict.message
-                        if verdict.done or verdict.failed:
-                            return verdict
+                    watch = self._watch(kind, name, rv)
+                    async with contextlib.aclosing(watch):  # its HTTP stream closes on return
+                        async for _, item in watch:
+                            verdict = judged(dict(item.to_dict()))
+                            if verdict.done or verdict.failed:
+                                return verdict
             except TimeoutError:
                 break
             except (ApiError, httpx2.HTTPError):
                 await asyncio.sleep(0.5)  # watch dropped or expired: read again
         return verdict
+
+    def _watch(self, kind: Any, name: str, rv: str | None) -> AsyncGenerator[tuple[str, Any]]:
+        # lightkube's typing says AsyncIterable; it is an async generator, which can be closed.
+        return cast(
+            "AsyncGenerator[tuple[str, Any]]",
+            self.client.watch(
+                kind,
+                namespace=self.namespace,
+                fields={"metadata.name": name},
+                resource_version=rv,
+                server_timeout=60,
+            ),
+        )
 
 
 def _status_of(exc: httpx2.HTTPStatusError) -> tuple[int, str, str]:
@@ -552,6 +352,7 @@ def _status_of(exc: httpx2.HTTPStatusError) -> tuple[int, str, str]:
 
 RETRIED = {409: "Conflict", 429: "", 500: "", 502: "", 503: "", 504: ""}
 ATTEMPTS = 4
+BACKOFF = 0.25  # seconds before the first retry, doubled for each next one
 
 
 async def _with_retries(doing: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -578,5 +379,5 @@ async def _with_retries(doing: str, call: Callable[[], Awaitable[T]]) -> T:
             raise DependencyUnreachable(
                 f"the Kubernetes API failed while {doing}: {type(exc).__name__}: {exc}"
             ) from exc
-        await asyncio.sleep(0.25 * 2**attempt)
+        await asyncio.sleep(BACKOFF * 2**attempt)
     raise AssertionError("unreachable")

@@ -140,6 +140,20 @@ def settled(obj: dict[str, Any]) -> Verdict:
     )
 
 
+def job(obj: dict[str, Any]) -> Verdict:
+    """A Job by its conditions, as `kubectl wait --for=condition=complete` reads them."""
+    name = (obj.get("metadata") or {}).get("name", "")
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            return Verdict(True, f"job/{name} complete")
+        if cond.get("type") == "Failed":
+            why = cond.get("message") or cond.get("reason")
+            return Verdict(False, f"job/{name} failed: {why}", failed=True)
+    return Verdict(False, f"job/{name} is running")
+
+
 def verdict(kind: str, obj: dict[str, Any]) -> Verdict:
     """The verdict for a workload of `kind` (`deployment` or `statefulset`)."""
     return deployment(obj) if kind == "deployment" else statefulset(obj)

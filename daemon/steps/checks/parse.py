@@ -130,7 +130,8 @@ async def _builtin(ctx: DeployContext) -> tuple[str, str]:
             raise ValueError("not a report")
     except ValueError as exc:
         raise CheckError(f"the DAG check printed a malformed report ({exc}).") from exc
-    ctx.services.records.update(ctx.id, report=json.dumps(_stored(report)))
+    ctx.report = _stored(report)
+    ctx.services.records.update(ctx.id, report=json.dumps(ctx.report))
     if report.get("fatal"):
         for line in str(report["fatal"]).splitlines()[-TRACEBACK_LINES:]:
             ctx.say("       " + line, "parse")

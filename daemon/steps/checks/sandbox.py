@@ -6,8 +6,8 @@ import asyncio
 import json
 from typing import Any
 
-from daemon.adapters.images import ContainerRun, Sandbox
 from daemon.core.context import DeployContext
+from daemon.core.ports import ContainerRun, Sandbox
 from daemon.steps.checks import dotenv
 
 # Finds the image's Python (Astro images have `python`, slim ones `python3`)
