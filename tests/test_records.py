@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.adapters.records import SCHEMA_VERSION, Records
+from daemon.adapters.migrations import SCHEMA_VERSION
+from daemon.adapters.records import Records
 from daemon.core import deploys
 from daemon.core.deploys import Options, TransitionError
 

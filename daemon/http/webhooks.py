@@ -63,7 +63,7 @@ def signature_ok(secrets: Sequence[str], body: bytes, header: str | None) -> boo
 
 
 @dataclass
-class Verdict:
+class Decision:
     """What a delivery asks for: the answer, and the deploys to queue."""
 
     status: int
@@ -71,8 +71,8 @@ class Verdict:
     requests: list[DeployRequest] = field(default_factory=list)
 
 
-def _ignored(reason: str) -> Verdict:
-    return Verdict(200, {"deployed": False, "reason": reason})
+def _ignored(reason: str) -> Decision:
+    return Decision(200, {"deployed": False, "reason": reason})
 
 
 def _text(value: object, limit: int) -> str:
@@ -83,19 +83,19 @@ def _text(value: object, limit: int) -> str:
     return "".join(c for c in first if c.isprintable())[:limit]
 
 
-def decide(event: str, payload: object, settings: Settings) -> Verdict:
+def decide(event: str, payload: object, settings: Settings) -> Decision:
     """Decide what a verified delivery asks for. Pure: no I/O, no records."""
     if event == "ping":
-        return Verdict(200, {"deployed": False, "reason": "pong"})
+        return Decision(200, {"deployed": False, "reason": "pong"})
     if event != "push":
         return _ignored(f"{event} events do not deploy; only push does.")
     if not isinstance(payload, dict):
-        return Verdict(400, {"error": "the push payload is not a JSON object."})
+        return Decision(400, {"error": "the push payload is not a JSON object."})
     ref, repo, after = payload.get("ref"), payload.get("repository"), payload.get("after")
     if not isinstance(ref, str) or not ref:
-        return Verdict(400, {"error": "the push payload has no ref."})
+        return Decision(400, {"error": "the push payload has no ref."})
     if not isinstance(repo, dict) or not isinstance(repo.get("full_name"), str):
-        return Verdict(400, {"error": "the push payload has no repository.full_name."})
+        return Decision(400, {"error": "the push payload has no repository.full_name."})
     full_name = repo["full_name"]
     following = [
         d
@@ -110,7 +110,7 @@ def decide(event: str, payload: object, settings: Settings) -> Verdict:
     if payload.get("deleted") is True or after == "0" * 40:
         return _ignored(f"branch {branch[:100]} was deleted; nothing to deploy.")
     if not isinstance(after, str) or _SHA.fullmatch(after) is None:
-        return Verdict(400, {"error": "the push payload's `after` is not a commit id."})
+        return Decision(400, {"error": "the push payload's `after` is not a commit id."})
     on_branch = [d for d in following if d.branch == branch]
     if not on_branch:
         wanted = ", ".join(f"{d.name} deploys {d.branch}" for d in following)
@@ -136,7 +136,7 @@ def decide(event: str, payload: object, settings: Settings) -> Verdict:
         )
         for dep in on_branch
     ]
-    return Verdict(202, {"deployed": True}, requests)
+    return Decision(202, {"deployed": True}, requests)
 
 
 class Webhooks:
@@ -181,36 +181,36 @@ class Webhooks:
                 return _answer(400, error=f"{header} is missing or malformed.")
         # Deciding is pure and cheap, so it runs before the insert; on a
         # redelivery its result is dropped for what the first arrival recorded.
-        verdict = self._verdict(event, body, settings)
+        decision = self._decide(event, body, settings)
         new, status, answer, ids = self.records.record_delivery(
             hook_id,
             delivery,
             event,
-            verdict.status,
-            verdict.answer,
-            [queued_fields(r) for r in verdict.requests],
+            decision.status,
+            decision.answer,
+            [queued_fields(r) for r in decision.requests],
         )
         if not new:
             return self._redelivery(status, answer, ids)
-        for req, deploy_id in zip(verdict.requests, ids, strict=True):
+        for req, deploy_id in zip(decision.requests, ids, strict=True):
             self.start(req, deploy_id)
         if ids:
             answer = {
                 **answer,
                 "deploys": [
                     {"id": i, "deployment": r.deployment.name, "commit": r.commit}
-                    for i, r in zip(ids, verdict.requests, strict=True)
+                    for i, r in zip(ids, decision.requests, strict=True)
                 ],
                 "message": "queued " + ", ".join(f"deploy #{i}" for i in ids),
             }
             log.info("delivery %s: %s", delivery, answer["message"])
         return web.json_response(answer, status=status)
 
-    def _verdict(self, event: str, body: bytes, settings: Settings) -> Verdict:
+    def _decide(self, event: str, body: bytes, settings: Settings) -> Decision:
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, ValueError, RecursionError):
-            return Verdict(400, {"error": "the body is not valid JSON."})
+            return Decision(400, {"error": "the body is not valid JSON."})
         return decide(event, payload, settings)
 
     def _redelivery(self, status: int, answer: dict[str, Any], ids: list[int]) -> web.Response:

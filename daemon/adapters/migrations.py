@@ -1,0 +1,103 @@
+"""The records' schema, one versioned migration at a time (applied by Records.migrate).
+
+A migration is never edited once released: a change is a new one appended here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db.table("deploys").create(
+        {
+            "id": int,
+            "deployment": str,
+            "state": str,
+            "trigger": str,
+            "actor": str,
+            "ref": str,
+            "commit_sha": str,
+            "tree_sha": str,
+            "description": str,
+            "options": str,
+            "image": str,
+            "tag": str,
+            "digest": str,
+            "step": str,
+            "error": str,
+            "report": str,
+            "rollback_of": int,
+            "pid": int,
+            "created_at": float,
+            "started_at": float,
+            "finished_at": float,
+        },
+        pk="id",
+        not_null={"deployment", "state", "trigger", "created_at"},
+    )
+    db.table("deploys").create_index(["deployment", "id"])
+    db.table("deploys").create_index(["state"])
+    db.table("steps").create(
+        {
+            "deploy_id": int,
+            "name": str,
+            "position": int,
+            "state": str,
+            "started_at": float,
+            "finished_at": float,
+            "summary": str,
+        },
+        pk=("deploy_id", "name"),
+        foreign_keys=[("deploy_id", "deploys", "id")],
+    )
+    db.table("log").create(
+        {"id": int, "deploy_id": int, "ts": float, "step": str, "line": str},
+        pk="id",
+        foreign_keys=[("deploy_id", "deploys", "id")],
+    )
+    db.table("log").create_index(["deploy_id", "id"])
+
+
+def _migration_2(db: sqlite_utils.Database) -> None:
+    db.table("artifacts").create(
+        {"deploy_id": int, "name": str, "content": str, "created_at": float},
+        pk=("deploy_id", "name"),
+        foreign_keys=[("deploy_id", "deploys", "id")],
+    )
+
+
+def _migration_3(db: sqlite_utils.Database) -> None:
+    # One row per webhook delivery, written before it is acknowledged: a
+    # redelivery (same hook and delivery id) finds it and deploys nothing.
+    db.table("deliveries").create(
+        {
+            "hook_id": str,
+            "delivery_id": str,
+            "event": str,
+            "received_at": float,
+            "status": int,
+            "answer": str,
+            "deploy_ids": str,
+        },
+        pk=("hook_id", "delivery_id"),
+    )
+
+
+def _migration_4(db: sqlite_utils.Database) -> None:
+    # `trigger` says where a deploy came from; `action` what it does. Before this,
+    # a rollback was known only by its rollback_of.
+    db.execute("ALTER TABLE deploys ADD COLUMN action TEXT NOT NULL DEFAULT 'deploy'")
+    db.execute("UPDATE deploys SET action = 'rollback' WHERE rollback_of IS NOT NULL")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,126 @@
+"""The settings dataclasses: the whole configuration as frozen values, passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon import names
+from daemon.errors import UnknownDeployment
+
+DEFAULT_TAG_TEMPLATE = "deploy-{time}-{sha7}-{id}"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """[server]: where state lives and what the daemon listens on."""
+
+    state_dir: Path = Path("/var/lib/deployd")
+    ssh_listen: str = "0.0.0.0:2222"
+    http_listen: str = "127.0.0.1:8080"
+    public_url: str = ""
+    api_token: str | None = field(default=None, repr=False)
+    shutdown_grace_seconds: int = 600
+
+
+@dataclass(frozen=True)
+class DockerSettings:
+    """[docker]: the Docker Engine to build and run checks on."""
+
+    host: str = "unix:///var/run/docker.sock"
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """[registry]: where images are pushed, and the credentials for it."""
+
+    url: str = ""
+    username: str = ""
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """[kubernetes]: the cluster the workloads run on."""
+
+    kubeconfig: Path | None = None
+
+
+@dataclass(frozen=True)
+class GitHubSettings:
+    """[github]: webhook secrets and the API token for commit statuses."""
+
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    token: str | None = field(default=None, repr=False)
+    api_url: str = "https://api.github.com"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One Kubernetes workload: `deployment/NAME` or `statefulset/NAME`."""
+
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """[[deployment]]: one deploy target (an SSH repository, an image, workloads)."""
+
+    name: str
+    image: str
+    branch: str = "main"
+    github_repo: str | None = None
+    fetch_url: str | None = None
+    fetch_key_file: Path | None = None
+    fetch_token: str | None = field(default=None, repr=False)
+    tag_template: str = DEFAULT_TAG_TEMPLATE
+    namespace: str = "airflow"
+    workloads: tuple[Workload, ...] = ()
+    worker_workloads: tuple[Workload, ...] = ()
+    containers: tuple[str, ...] = ()
+    worker_grace_seconds: int = 86400
+    rollout_timeout_seconds: int = 900
+    pytest: bool = False
+    check_memory_mb: int = 2048
+    check_cpus: float = 2.0
+    check_timeout_seconds: int = 600
+    import_timeout_seconds: int = 30
+    integrity_test: str = "auto"
+    keep_images: int = 10
+
+
+@dataclass(frozen=True)
+class Key:
+    """[[key]]: an SSH public key and the deployments it may use."""
+
+    name: str
+    public_key: str
+    deployments: tuple[str, ...] = ()
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration, loaded once and passed down."""
+
+    path: Path
+    server: ServerSettings
+    docker: DockerSettings
+    registry: RegistrySettings
+    kubernetes: KubernetesSettings
+    github: GitHubSettings
+    deployments: tuple[Deployment, ...]
+    keys: tuple[Key, ...]
+
+    def deployment(self, name: str) -> Deployment:
+        """Return the deployment called `name`, or raise UnknownDeployment."""
+        names.deployment_name(name)
+        for dep in self.deployments:
+            if dep.name == name:
+                return dep
+        known = ", ".join(d.name for d in self.deployments) or "none"
+        raise UnknownDeployment(f"no deployment named {name!r} is configured (known: {known}).")
