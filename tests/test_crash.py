@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Infra
 from tests.projects import GOOD_DAG, git, make_project
+from tests.support.testenv import Infra
 
 pytestmark = pytest.mark.integration
 

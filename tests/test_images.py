@@ -10,7 +10,7 @@ import pytest
 from daemon.adapters.images import Images
 from daemon.config import RegistrySettings
 from daemon.core.ports import Sandbox
-from tests.conftest import Infra
+from tests.support.testenv import Infra
 
 pytestmark = pytest.mark.integration
 

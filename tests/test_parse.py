@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Infra
 from tests.projects import GOOD_DAG, make_project
+from tests.support.testenv import Infra
 from tests.test_pipeline import deploy, repo_for
 
 pytestmark = pytest.mark.integration

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Deployd, Infra
 from tests.projects import GOOD_DAG, commit_all, make_project, ten_dag_project
+from tests.support.testenv import Deployd, Infra
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from daemon.adapters.kubernetes import rules as rollout
-from tests.conftest import Deployd, Infra
 from tests.kubesim import KubeSim
 from tests.projects import make_project
+from tests.support.testenv import Deployd, Infra
 
 pytestmark = pytest.mark.integration
 
@@ -125,7 +125,7 @@ def wait_rolled(sim: KubeSim, *workloads: str) -> None:
 def deployd_for(
     tmp_path: Path, testenv: Infra, sim: KubeSim, name: str, **extra: object
 ) -> tuple[Deployd, str]:
-    from tests.conftest import write_config
+    from tests.support.testenv import write_config
 
     image = f"{testenv.registry}/airflow/kube-{name}"
     state = tmp_path / "state"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Infra
 from tests.projects import GOOD_DAG, commit_all, make_project
 from tests.sshserver import Server, make_server
+from tests.support.testenv import Infra
 
 pytestmark = pytest.mark.integration
 
@@ -365,7 +365,7 @@ def test_notify_ready_watchdog_and_healthz(tmp_path: Path, testenv: Infra) -> No
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    from tests.conftest import ROOT
+    from tests.support.testenv import ROOT
 
     unit = (ROOT / "systemd" / "deployd.service").read_text()
     for line in ("Type=notify", "WatchdogSec=", "StateDirectory=deployd", "LoadCredential=",

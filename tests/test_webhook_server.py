@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Infra
 from tests.fakegithub import FakeGitHub
 from tests.projects import GOOD_DAG, commit_all, git, make_project
 from tests.sshserver import Server, make_server
+from tests.support.testenv import Infra
 
 pytestmark = pytest.mark.integration
 

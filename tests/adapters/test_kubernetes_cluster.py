@@ -301,6 +301,20 @@ async def test_wait_gives_the_last_verdict_at_the_deadline(sim: KubeSim, kube: K
     assert late.message.startswith('Waiting for deployment "airflow-scheduler" rollout to finish')
 
 
+async def test_a_workload_deleted_while_waited_for_is_told(sim: KubeSim, kube: KubeCluster) -> None:
+    put(sim, scheduler(OLD, replicas=1, scenario="never-ready"))
+    await rolled(kube, SCHED)
+    [target] = await kube.preflight(deployment(SCHED))
+    await kube.patch_image(target, lambda _name: NEW, ANNOTATIONS, None)
+    waiting = asyncio.create_task(kube.wait(SCHED, soon(0.4), lambda _m: None))
+    await asyncio.sleep(0.1)
+    sim.call(sim.sim.store.delete, RESOURCES["Deployment"], "airflow", SCHED.name)
+    verdict = await waiting
+    assert not verdict.done and verdict.message.endswith(
+        'deployments.apps "airflow-scheduler" not found'
+    )
+
+
 async def test_a_draining_worker_is_settled_and_counted(sim: KubeSim, kube: KubeCluster) -> None:
     sts = worker(OLD, replicas=2)
     sts["metadata"]["annotations"] = {DRAIN: "60"}
@@ -387,6 +401,19 @@ async def test_a_job_that_cannot_be_read_is_deleted(sim: KubeSim, kube: KubeClus
         await kube.run_job(migration(), soon(), lambda _m: None)
     assert caught.value.message == "Kubernetes refused reading job prod-migrate-1: injected fault"
     assert sim.call(sim.sim.store.find, JOBS, "airflow", "prod-migrate-1") is None
+
+
+async def test_a_job_deleted_while_followed_is_a_refusal(sim: KubeSim, kube: KubeCluster) -> None:
+    following = asyncio.create_task(kube.run_job(migration(), soon(), lambda _m: None))
+    deadline = soon(5)
+    while sim.call(sim.sim.store.find, JOBS, "airflow", "prod-migrate-1") is None:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # followed by now; its pod runs for 0.3 s
+    sim.call(sim.sim.store.delete, JOBS, "airflow", "prod-migrate-1")
+    with pytest.raises(ClusterError) as caught:
+        await following
+    assert caught.value.reason == "NotFound"
 
 
 async def test_a_retried_create_that_went_through_is_followed(

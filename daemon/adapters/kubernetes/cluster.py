@@ -91,8 +91,17 @@ class KubeCluster:
     async def preflight(self, dep: Deployment) -> list[Target]:
         """Every workload exists, has containers on the deployment's image, and may be rolled."""
         await self._may(dep)
-        objs = await asyncio.gather(*(self.get(w) for w in dep.workloads))
-        return [plan.target_from(dep, w, o) for w, o in zip(dep.workloads, objs, strict=True)]
+
+        async def target(workload: Workload) -> Target:
+            return plan.target_from(dep, workload, await self.get(workload))
+
+        # Read at once; the refusal told is the first in the config's order, whichever
+        # answer came first, so that the same cluster always gets the same message.
+        results = await asyncio.gather(*(target(w) for w in dep.workloads), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if isinstance(r, Target)]
 
     async def _may(self, dep: Deployment) -> None:
         wanted = plan.wanted_permissions(dep)
@@ -214,9 +223,9 @@ class KubeCluster:
         pods of the failed revision that are stuck (crash loop, image pull) are
         deleted so that the controller recreates them from the restored template.
         """
-        obj = None
-        if target.workload.kind == "statefulset":
-            obj = await self.get(target.workload)
+        # The StatefulSet's update revision is the failed one until the patch below.
+        before = await self.get(target.workload) if target.workload.kind == "statefulset" else {}
+        failed_revision = (before.get("status") or {}).get("updateRevision")
         await self.patch_image(
             target,
             lambda name: target.images[name],
@@ -224,14 +233,10 @@ class KubeCluster:
             target.grace if target.worker else None,
             target.env,
         )
-        failed_revision = ((obj or {}).get("status") or {}).get("updateRevision")
-        if obj is None or not failed_revision:
-            return
-        # The selector of an apps/v1 workload is immutable: the read above still holds.
-        for name in plan.stuck_pods(
-            await self._pods(target.workload, plan.selector(obj)), failed_revision
-        ):
-            await self._delete_pod(name)
+        if failed_revision:  # an apps/v1 selector is immutable: the read above still holds
+            pods = await self._pods(target.workload, plan.selector(before))
+            for name in plan.stuck_pods(pods, failed_revision):
+                await self._delete_pod(name)
 
     async def _delete_pod(self, name: str) -> None:
         async def delete() -> None:
@@ -278,10 +283,10 @@ class KubeCluster:
     ) -> rollout.Verdict:
         """Read, judge, then watch from that read until done, failed or the deadline.
 
-        Each new verdict message goes to `progress`. A dropped or expired watch
-        is picked up from a fresh read; so is a read that failed after its
-        retries when `patient` (else its error is raised). Returns the last
-        verdict: neither done nor failed when the deadline passed.
+        Each new verdict message goes to `progress`. A dropped or expired watch,
+        or the object's deletion, is picked up from a fresh read; so is a read
+        that failed after its retries when `patient` (else its error is raised).
+        Returns the last verdict: neither done nor failed when the deadline passed.
         """
         last = ""
         verdict = rollout.Verdict(False, "not read yet")
@@ -311,7 +316,9 @@ class KubeCluster:
                 async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
                     watch = self._watch(kind, name, rv)
                     async with contextlib.aclosing(watch):  # its HTTP stream closes on return
-                        async for _, item in watch:
+                        async for event, item in watch:
+                            if event == "DELETED":
+                                break  # gone: the fresh read says so
                             verdict = judged(dict(item.to_dict()))
                             if verdict.done or verdict.failed:
                                 return verdict
