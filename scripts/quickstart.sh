@@ -57,7 +57,7 @@ if [ ! -d "$PROJECT/.git" ]; then
 import sys
 from pathlib import Path
 sys.path.insert(0, ".")
-from tests.projects import make_project, GOOD_DAG
+from tests.support.projects import make_project, GOOD_DAG
 dags = {f"example_{i}.py": GOOD_DAG.format(dag_id=f"example_{i}") for i in range(3)}
 make_project(Path(sys.argv[1]), sys.argv[2], dags=dags, message="Quickstart project")
 PY

@@ -28,7 +28,7 @@ trap cleanup EXIT
 
 echo "-----> ruff" >&2
 .venv/bin/ruff check daemon tests bench
-.venv/bin/ruff format --check daemon
+.venv/bin/ruff format --check daemon tests bench
 echo "-----> mypy --strict daemon/" >&2
 .venv/bin/mypy
 echo "-----> pytest" >&2

@@ -17,8 +17,9 @@ from tests.support.testenv import ENV_FILE, Deployd, Infra, read_infra, write_co
 def testenv() -> Infra:
     """The running test environment (fails with instructions if it is not up)."""
     if not ENV_FILE.is_file():
-        pytest.fail(f"{ENV_FILE} is missing: run `bash scripts/testenv.sh up` first "
-                    "(scripts/test.sh does).")
+        pytest.fail(
+            f"{ENV_FILE} is missing: run `bash scripts/testenv.sh up` first (scripts/test.sh does)."
+        )
     return read_infra()
 
 
@@ -32,10 +33,19 @@ def docker_api(testenv: Infra):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def make_deployd(tmp_path: Path, testenv: Infra):  # type: ignore[no-untyped-def]
     """Factory: a Deployd over a fresh state_dir with the given deployments."""
-    def factory(*deployments: dict[str, object], registry: dict[str, str] | None = None,
-                ) -> Deployd:
+
+    def factory(
+        *deployments: dict[str, object],
+        registry: dict[str, str] | None = None,
+    ) -> Deployd:
         state = tmp_path / "state"
-        config = write_config(tmp_path / "deployd.toml", testenv, state,
-                              deployments=list(deployments), registry=registry)
+        config = write_config(
+            tmp_path / "deployd.toml",
+            testenv,
+            state,
+            deployments=list(deployments),
+            registry=registry,
+        )
         return Deployd(config, state)
+
     return factory

@@ -86,8 +86,9 @@ def secrets(tmp_path: Path) -> Path:
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "deployd.toml"
-    path.write_text(text.replace("{tmp}", str(tmp_path)) if "{{" not in text
-                    else text.format(tmp=tmp_path))
+    path.write_text(
+        text.replace("{tmp}", str(tmp_path)) if "{{" not in text else text.format(tmp=tmp_path)
+    )
     return path
 
 
@@ -99,8 +100,10 @@ def test_full_config_loads_every_key(secrets: Path) -> None:
     assert settings.github.webhook_secrets == ("new-secret", "old-secret")
     assert settings.kubernetes.kubeconfig == Path("~/.kube/config").expanduser()
     prod = settings.deployment("prod")
-    assert [str(w) for w in prod.workloads] == ["deployment/airflow-scheduler",
-                                                "statefulset/airflow-worker"]
+    assert [str(w) for w in prod.workloads] == [
+        "deployment/airflow-scheduler",
+        "statefulset/airflow-worker",
+    ]
     assert prod.fetch_key_file == secrets / "deploy-key"
     assert prod.check_cpus == 2.0
     staging = settings.deployment("staging")
@@ -121,43 +124,84 @@ def test_minimal_config_takes_defaults(tmp_path: Path) -> None:
     assert settings.deployment("dev").workloads == ()
 
 
-@pytest.mark.parametrize(("text", "key", "problem"), [
-    ('[[deployment]]\nimage = "reg.io/a/b"\n', "deployment[0].name", "required but missing"),
-    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nkeep_images = "ten"\n',
-     "deployment[0].keep_images", "must be an integer, not a string"),
-    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\npytest = 1\n',
-     "deployment[0].pytest", "must be true or false"),
-    ('[server]\nstate_dir = "/x"\nflavour = "vanilla"\n', "server.flavour", "unknown key"),
-    ('colour = "blue"\n', "colour", "unknown key"),
-    ('[docker]\nhots = "unix:///x"\n', "docker.hots", "unknown key"),
-    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\n[[deployment]]\nname = "p"\n'
-     'image = "reg.io/a/c"\n', "deployment[1].name", "duplicate deployment name"),
-    ('[[deployment]]\nname = "Prod_1"\nimage = "reg.io/a/b"\n', "deployment[0].name",
-     "not a valid deployment name"),
-    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b:latest"\n', "deployment[0].image", "tag"),
-    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\ntag_template = "v-{sha7}"\n',
-     "deployment[0].tag_template", "must contain {id}"),
-    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\ntag_template = "{id}-{branch}"\n',
-     "deployment[0].tag_template", "unknown placeholder {branch}"),
-    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nworkloads = ["deployment/a"]\n'
-     'worker_workloads = ["statefulset/w"]\n', "deployment[0].worker_workloads",
-     "not in workloads"),
-    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\n'
-     'tag_template = "release-{sha}-{sha}-{sha}-{id}"\n',
-     "deployment[0].tag_template", "image tags end at 128"),
-    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nworkloads = ["pod/a"]\n',
-     "deployment[0].workloads[0]", "not deployment/NAME"),
-    ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nimport_timeout_seconds = 0\n',
-     "deployment[0].import_timeout_seconds", "at least 1"),
-    ('[registry]\nusername = "u"\npassword_file = "/nonexistent/pw"\n',
-     "registry.password_file", "cannot read secret file /nonexistent/pw"),
-    ('[server]\nhttp_listen = "8080"\n', "server.http_listen", "not HOST:PORT"),
-    ('[[key]]\nname = "bob"\npublic_key = "ssh-ed25519 AAAA"\ndeployments = ["nope"]\n',
-     "key[0].deployments", "no deployment named 'nope'"),
-    ("[server\n", "", "not valid TOML"),
-])
-def test_bad_config_names_key_and_problem(tmp_path: Path, text: str, key: str,
-                                          problem: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ('[[deployment]]\nimage = "reg.io/a/b"\n', "deployment[0].name", "required but missing"),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nkeep_images = "ten"\n',
+            "deployment[0].keep_images",
+            "must be an integer, not a string",
+        ),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\npytest = 1\n',
+            "deployment[0].pytest",
+            "must be true or false",
+        ),
+        ('[server]\nstate_dir = "/x"\nflavour = "vanilla"\n', "server.flavour", "unknown key"),
+        ('colour = "blue"\n', "colour", "unknown key"),
+        ('[docker]\nhots = "unix:///x"\n', "docker.hots", "unknown key"),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\n[[deployment]]\nname = "p"\n'
+            'image = "reg.io/a/c"\n',
+            "deployment[1].name",
+            "duplicate deployment name",
+        ),
+        (
+            '[[deployment]]\nname = "Prod_1"\nimage = "reg.io/a/b"\n',
+            "deployment[0].name",
+            "not a valid deployment name",
+        ),
+        ('[[deployment]]\nname = "p"\nimage = "reg.io/a/b:latest"\n', "deployment[0].image", "tag"),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\ntag_template = "v-{sha7}"\n',
+            "deployment[0].tag_template",
+            "must contain {id}",
+        ),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\ntag_template = "{id}-{branch}"\n',
+            "deployment[0].tag_template",
+            "unknown placeholder {branch}",
+        ),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nworkloads = ["deployment/a"]\n'
+            'worker_workloads = ["statefulset/w"]\n',
+            "deployment[0].worker_workloads",
+            "not in workloads",
+        ),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\n'
+            'tag_template = "release-{sha}-{sha}-{sha}-{id}"\n',
+            "deployment[0].tag_template",
+            "image tags end at 128",
+        ),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nworkloads = ["pod/a"]\n',
+            "deployment[0].workloads[0]",
+            "not deployment/NAME",
+        ),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nimport_timeout_seconds = 0\n',
+            "deployment[0].import_timeout_seconds",
+            "at least 1",
+        ),
+        (
+            '[registry]\nusername = "u"\npassword_file = "/nonexistent/pw"\n',
+            "registry.password_file",
+            "cannot read secret file /nonexistent/pw",
+        ),
+        ('[server]\nhttp_listen = "8080"\n', "server.http_listen", "not HOST:PORT"),
+        (
+            '[[key]]\nname = "bob"\npublic_key = "ssh-ed25519 AAAA"\ndeployments = ["nope"]\n',
+            "key[0].deployments",
+            "no deployment named 'nope'",
+        ),
+        ("[server\n", "", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_key_and_problem(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
     path = tmp_path / "deployd.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
@@ -186,11 +230,18 @@ def test_config_path_precedence(tmp_path: Path) -> None:
     assert config.resolve_path(None, {}) == Path("/etc/deployd/deployd.toml")
 
 
-def _check_config(*args: str, env: dict[str, str] | None = None,
-                  ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True,
-                          text=True, env=env, check=False,
-                          cwd=Path(__file__).resolve().parent.parent)
+def _check_config(
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
 
 
 def test_check_config_prints_deployments(secrets: Path) -> None:
@@ -211,6 +262,7 @@ def test_check_config_error_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_check_config_reads_deployd_config_env(tmp_path: Path) -> None:
     path = write(tmp_path, '[[deployment]]\nname = "envdep"\nimage = "r.io/a/b"\n')
     import os
+
     proc = _check_config("check-config", env={**os.environ, "DEPLOYD_CONFIG": str(path)})
     assert proc.returncode == 0 and "deployment envdep" in proc.stdout
 

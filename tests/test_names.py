@@ -13,15 +13,33 @@ def test_deployment_names_accepted(good: str) -> None:
     assert names.deployment_name(good) == good
 
 
-@pytest.mark.parametrize("bad", ["", "-prod", "Prod", "prod_1", "a" * 64, "../etc", "prod\n",
-                                 "prod.git", "pr od", "/prod"])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "-prod", "Prod", "prod_1", "a" * 64, "../etc", "prod\n", "prod.git", "pr od", "/prod"],
+)
 def test_deployment_names_refused(bad: str) -> None:
     with pytest.raises(InvalidName):
         names.deployment_name(bad)
 
 
-@pytest.mark.parametrize("bad", ["", "a..b", "a/", ".hidden", "x.lock", "a b", "a~1", "a^",
-                                 "-x", "a//b", "a/.b", "a:b", "a\\b"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "a..b",
+        "a/",
+        ".hidden",
+        "x.lock",
+        "a b",
+        "a~1",
+        "a^",
+        "-x",
+        "a//b",
+        "a/.b",
+        "a:b",
+        "a\\b",
+    ],
+)
 def test_branch_names_refused(bad: str) -> None:
     with pytest.raises(InvalidName):
         names.branch_name(bad)

@@ -1,6 +1,6 @@
 """KubeCluster (lightkube, async) against the Kubernetes API simulator, in-process.
 
-No Docker and no kubectl: the simulator (tests/kubesim) runs in a thread of the
+No Docker and no kubectl: the simulator (tests/support/kubesim) runs in a thread of the
 test process; objects are put straight into its store, and the client under
 test talks to it over HTTP with the kubeconfig it wrote.
 """
@@ -20,10 +20,10 @@ from daemon.adapters.kubernetes import plan, rules
 from daemon.adapters.kubernetes.cluster import KubeCluster
 from daemon.config import Deployment, KubernetesSettings, Workload
 from daemon.errors import ClusterError, DependencyUnreachable
-from tests.kubesim import Fault, KubeSim
-from tests.kubesim.controllers import DRAIN, SCENARIO
-from tests.kubesim.store import BY_PATH
-from tests.test_rollout import EXECUTOR, scheduler, worker
+from tests.steps.test_roll import EXECUTOR, scheduler, worker
+from tests.support.kubesim import Fault, KubeSim
+from tests.support.kubesim.controllers import DRAIN, SCENARIO
+from tests.support.kubesim.store import BY_PATH
 
 IMAGE = "registry.example:5000/airflow/prod"
 OLD, NEW = f"{IMAGE}:before", f"{IMAGE}:deploy-1@sha256:{'ab' * 32}"

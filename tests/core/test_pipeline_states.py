@@ -23,8 +23,8 @@ from daemon.core.deploys import Options
 from daemon.core.pipeline import Pipeline
 from daemon.core.policy import Lifecycle
 from daemon.errors import BuildError, DependencyUnreachable, RegistryError
-from tests.projects import git, make_project
 from tests.support.fakes import FakeCluster, FakeEngine
+from tests.support.projects import git, make_project
 
 WORKLOADS = ["deployment/airflow-scheduler", "statefulset/airflow-worker"]
 

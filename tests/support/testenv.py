@@ -37,10 +37,16 @@ class Infra:
         """The digest the registry serves for repository:tag, or None if it has none."""
         name = repository.split("/", 1)[1]
         req = urllib.request.Request(
-            f"http://{self.registry}/v2/{name}/manifests/{tag}", method="HEAD",
-            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json",
-                     "Authorization": "Basic " + base64.b64encode(
-                         f"{self.registry_user}:{self.registry_password}".encode()).decode()})
+            f"http://{self.registry}/v2/{name}/manifests/{tag}",
+            method="HEAD",
+            headers={
+                "Accept": "application/vnd.docker.distribution.manifest.v2+json",
+                "Authorization": "Basic "
+                + base64.b64encode(
+                    f"{self.registry_user}:{self.registry_password}".encode()
+                ).decode(),
+            },
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return str(resp.headers["Docker-Content-Digest"])
@@ -64,15 +70,33 @@ def read_infra() -> Infra:
     )
 
 
-def write_config(path: Path, testenv: Infra, state_dir: Path, *,
-                 deployments: list[dict[str, object]], registry: dict[str, str] | None = None,
-                 ) -> Path:
+def write_config(
+    path: Path,
+    testenv: Infra,
+    state_dir: Path,
+    *,
+    deployments: list[dict[str, object]],
+    registry: dict[str, str] | None = None,
+) -> Path:
     """Write a deployd.toml for the test environment."""
-    reg = registry if registry is not None else {
-        "url": testenv.registry, "username": testenv.registry_user,
-        "password_file": str(testenv.registry_password_file)}
-    lines = ["[server]", f'state_dir = "{state_dir}"', "", "[docker]",
-             f'host = "{testenv.docker_host}"', "", "[registry]"]
+    reg = (
+        registry
+        if registry is not None
+        else {
+            "url": testenv.registry,
+            "username": testenv.registry_user,
+            "password_file": str(testenv.registry_password_file),
+        }
+    )
+    lines = [
+        "[server]",
+        f'state_dir = "{state_dir}"',
+        "",
+        "[docker]",
+        f'host = "{testenv.docker_host}"',
+        "",
+        "[registry]",
+    ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in reg.items()]
     for dep in deployments:
         lines += ["", "[[deployment]]"]
@@ -91,14 +115,31 @@ class Deployd:
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "daemon.cli", "--config", str(self.config), *args]
 
-    def run(self, *args: str, cwd: Path | None = None, timeout: float = 300,
-            ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), capture_output=True, text=True, cwd=cwd,
-                              timeout=timeout, env=_env(), check=False)
+    def run(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args),
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=timeout,
+            env=_env(),
+            check=False,
+        )
 
     def start(self, *args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=cwd, env=_env())
+        return subprocess.Popen(
+            self.argv(*args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env=_env(),
+        )
 
     def record(self, deploy_id: int) -> dict[str, object]:
         proc = self.run("deploys", "--json", "--limit", "1000")
@@ -113,5 +154,3 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYD_")}
     env["PYTHONPATH"] = str(ROOT)
     return env
-
-

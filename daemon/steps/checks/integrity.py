@@ -24,7 +24,7 @@ import hashlib
 PROJECT_TEST = ".astro/test_dag_integrity_default.py"
 
 # One per version of astro-cli's template (the 11 found in its history and in
-# projects; see the reference copies). tests/test_integrity.py recomputes this
+# projects; see the reference copies). tests/steps/checks/test_integrity.py recomputes this
 # set from them.
 GENERATED_FINGERPRINTS = frozenset(
     {

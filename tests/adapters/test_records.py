@@ -1,0 +1,143 @@
+"""SQLite records: schema versions, WAL, compare-and-set transitions, steps and log."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from daemon.adapters.migrations import SCHEMA_VERSION
+from daemon.adapters.records import Records
+from daemon.core import deploys
+from daemon.core.deploys import Options, TransitionError
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Records:
+    return Records(tmp_path / "deployd.db")
+
+
+def new(records: Records) -> int:
+    return records.create_deploy(
+        deployment="prod",
+        trigger="cli",
+        actor="ada@host",
+        ref="refs/heads/main",
+        options=Options(force=True),
+        pid=1,
+    )
+
+
+def test_schema_is_versioned_and_wal(records: Records, tmp_path: Path) -> None:
+    assert records.schema_version() == SCHEMA_VERSION
+    mode = sqlite3.connect(tmp_path / "deployd.db").execute("PRAGMA journal_mode").fetchone()
+    assert mode[0] == "wal"
+    # Opening again applies nothing twice.
+    again = Records(tmp_path / "deployd.db")
+    assert again.schema_version() == SCHEMA_VERSION
+    rows = again.db.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()
+    assert rows[0] == SCHEMA_VERSION
+
+
+def test_deploy_lifecycle(records: Records) -> None:
+    did = new(records)
+    rec = records.get(did)
+    assert rec is not None and rec.state == "queued" and rec.options.force is True
+    records.plan_steps(did, [("checkout", ""), ("pytest", "skipped: not requested")])
+    assert records.transition(did, deploys.QUEUED, deploys.RUNNING)
+    records.step_started(did, "checkout")
+    assert records.running_steps(did) == ["checkout"]
+    assert records.get(did).step == "checkout"  # type: ignore[union-attr]
+    records.step_finished(did, "checkout", "succeeded", "abc (3 files)")
+    assert records.transition(did, deploys.RUNNING, deploys.SUCCEEDED, step=None)
+    rec = records.get(did)
+    assert rec is not None and rec.state == "succeeded" and rec.finished_at
+    assert [(s.name, s.state) for s in rec.steps] == [
+        ("checkout", "succeeded"),
+        ("pytest", "skipped"),
+    ]
+
+
+def test_transition_is_compare_and_set(records: Records) -> None:
+    did = new(records)
+    assert records.transition(did, deploys.QUEUED, deploys.RUNNING)
+    # A second writer that still believes the deploy is queued loses.
+    assert not records.transition(did, deploys.QUEUED, deploys.CANCELLED)
+    assert records.get(did).state == "running"  # type: ignore[union-attr]
+
+
+def test_transition_refuses_illegal_moves(records: Records) -> None:
+    did = new(records)
+    with pytest.raises(TransitionError):
+        records.transition(did, deploys.QUEUED, deploys.SUCCEEDED)
+
+
+def test_ids_grow_and_log_is_ordered(records: Records) -> None:
+    a, b = new(records), new(records)
+    assert b > a
+    records.append_log(a, "build", ["one", "two"])
+    records.append_log(a, None, ["three"])
+    lines = records.log_lines(a)
+    assert [r.line for r in lines] == ["one", "two", "three"]
+    assert [r.line for r in records.log_lines(a, after=lines[0].id)] == ["two", "three"]
+    assert records.log_lines(b) == []
+
+
+def test_list_and_in_flight(records: Records) -> None:
+    a, b = new(records), new(records)
+    records.transition(a, deploys.QUEUED, deploys.RUNNING)
+    records.transition(a, deploys.RUNNING, deploys.FAILED, error="boom")
+    assert [r.id for r in records.in_flight("prod")] == [b]
+    assert [r.id for r in records.list_deploys("prod")] == [b, a]
+    assert records.list_deploys("other") == []
+
+
+def test_one_records_object_is_safe_across_threads(tmp_path: Path) -> None:
+    # The daemon shares one Records between the event loop and worker threads:
+    # reads in threads must not interleave with a transaction on the loop's thread.
+    import threading
+
+    from daemon.core.deploys import Options
+
+    records = Records(tmp_path / "d.db")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                records.in_flight("prod")
+                records.list_deploys("prod", limit=5)
+                records.running_steps(1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(300):
+            records.record_delivery(
+                "1",
+                f"d-{i}",
+                "push",
+                202,
+                {},
+                [
+                    {
+                        "deployment": "prod",
+                        "trigger": "webhook",
+                        "actor": "a",
+                        "ref": "r",
+                        "options": Options(),
+                        "pid": 1,
+                    }
+                ],
+            )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert len(records.list_deploys("prod", limit=1000)) == 300

@@ -1,0 +1,49 @@
+"""The deploy log stream: stored, fanned out, capped."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from daemon.adapters.records import Records
+from daemon.core import logs
+from daemon.core.deploys import Options
+from daemon.core.logs import DeployLog
+
+
+def make(tmp_path: Path) -> tuple[Records, int]:
+    records = Records(tmp_path / "db.sqlite")
+    return records, records.create_deploy(
+        deployment="p", trigger="cli", actor="a", ref="r", options=Options(), pid=1
+    )
+
+
+async def test_lines_are_stored_printed_and_streamed(tmp_path: Path) -> None:
+    records, did = make(tmp_path)
+    printed: list[str] = []
+    log = DeployLog(records, did, printed.append)
+    queue = log.subscribe()
+    log.write("hello\n", "build")
+    await asyncio.to_thread(log.write, "from a thread", "build")
+    log.close()
+    got = [await queue.get() for _ in range(3)]
+    assert [g.line if g else g for g in got] == ["hello", "from a thread", None]
+    assert [g.id for g in got if g] == [r.id for r in records.log_lines(did)]
+    assert printed == ["hello", "from a thread"]
+    assert [r.line for r in records.log_lines(did)] == ["hello", "from a thread"]
+
+
+def test_floods_keep_head_and_tail(tmp_path: Path) -> None:
+    records, did = make(tmp_path)
+    log = DeployLog(records, did)
+    total = logs.HEAD_LINES + logs.TAIL_LINES + 5000
+    for i in range(total):
+        log.write(f"line {i}", "pytest")
+    log.write("x" * 100_000, "other")
+    log.end_step("pytest")
+    lines = [r.line for r in records.log_lines(did)]
+    assert lines[0] == "line 0"
+    assert lines[-1] == f"line {total - 1}"
+    assert any("5000 lines of pytest output not shown" in ln for ln in lines)
+    assert len(lines) == logs.HEAD_LINES + logs.TAIL_LINES + 2
+    assert max(len(ln) for ln in lines) < logs.MAX_LINE_CHARS + 40
