@@ -187,6 +187,25 @@ class Images:
 
     # -- checks ---------------------------------------------------------------
 
+    def _sandbox_config(self, sandbox: Sandbox, source: str, mount_at: str) -> dict[str, Any]:
+        """The host config of a check container: no network, limits, read-only root."""
+        cpus = min(sandbox.cpus, float(self.ncpu()))
+        return dict(
+            self.api.create_host_config(
+                network_mode="none",
+                mem_limit=f"{sandbox.memory_mb}m",
+                memswap_limit=f"{sandbox.memory_mb}m",
+                nano_cpus=int(cpus * 1e9),
+                pids_limit=sandbox.pids,
+                read_only=True,
+                tmpfs={"/tmp": f"rw,nosuid,nodev,size={sandbox.scratch_mb}m,mode=1777"},
+                binds={source: {"bind": mount_at, "mode": "ro"}},
+                security_opt=["no-new-privileges"],
+                cap_drop=["ALL"],
+                init=True,
+            )
+        )
+
     def run_sandboxed(
         self,
         image: str,
@@ -206,23 +225,10 @@ class Images:
         filesystem is read-only with a tmpfs scratch at /tmp. The container is
         removed on every path.
         """
-        cpus = min(sandbox.cpus, float(self.ncpu()))
         # A local Engine sees our work dir; a remote one gets the files in a volume
         # (it refuses copies into a read-only root, and cannot see our paths).
         source = str(project) if self.local else self._project_volume(image, project, labels)
-        host_config = self.api.create_host_config(
-            network_mode="none",
-            mem_limit=f"{sandbox.memory_mb}m",
-            memswap_limit=f"{sandbox.memory_mb}m",
-            nano_cpus=int(cpus * 1e9),
-            pids_limit=sandbox.pids,
-            read_only=True,
-            tmpfs={"/tmp": f"rw,nosuid,nodev,size={sandbox.scratch_mb}m,mode=1777"},
-            binds={source: {"bind": mount_at, "mode": "ro"}},
-            security_opt=["no-new-privileges"],
-            cap_drop=["ALL"],
-            init=True,
-        )
+        host_config = self._sandbox_config(sandbox, source, mount_at)
         with self._engine():
             try:
                 container = self.api.create_container(
