@@ -101,7 +101,9 @@ class Api:
             limit = int(request.query.get("limit", "50"))
         except ValueError:
             return _error(400, "limit must be a whole number.")
-        rows = self.records.list_deploys(name, max(1, min(limit, 1000)))
+        settings = self._settings()
+        names_ = [name] if name is not None else None
+        rows = usecases.history(settings, self.records, names_, max(1, min(limit, 1000)))
         return web.json_response([views.deploy_json(r) for r in rows])
 
     async def deploy(self, request: web.Request) -> web.Response:

@@ -234,7 +234,7 @@ def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[
             allowed = [_deployment(state, key, command.args[0]).name]
         else:
             allowed = [d.name for d in state.settings.deployments if may_use(key, d.name)]
-        return views.deploy_table(records.list_deploys(allowed, 50))
+        return views.deploy_table(usecases.history(state.settings, records, allowed, 50))
     raise pushrules.Refused("unknown command.")
 
 

@@ -388,6 +388,49 @@ def retire(w, sel, kill=False):
         return 0
 
 
+def read_ready(key, sel, finish, assign):
+    """Take what one worker pipe has: its file's output, or its verdicts (one per line)."""
+    w, which = key.data
+    if w.dead:
+        return
+    chunk = os.read(key.fd, 65536)
+    if which == "out":
+        if not chunk:
+            try:
+                sel.unregister(key.fd)
+            except (KeyError, ValueError):
+                pass
+        elif w.job is not None:
+            w.job.output_bytes += len(chunk)
+            if len(w.job.output) < OUTPUT_KEEP:
+                w.job.output += chunk[: OUTPUT_KEEP - len(w.job.output)]
+        return
+    if not chunk:  # the worker is gone: its file ended it
+        finish(w, status=retire(w, sel))
+        return
+    w.buf += chunk
+    while b"\n" in w.buf and w.job is not None:
+        line, w.buf = w.buf.split(b"\n", 1)
+        finish(w, result=line)
+        assign(w)
+
+
+def reap(workers, sel, finish):
+    """End the jobs of workers past their file's deadline, or dead behind a grandchild."""
+    now = time.monotonic()
+    for w in workers:
+        if w.dead or w.job is None:
+            continue
+        if now > w.job.deadline:
+            w.job.timed_out = True
+            finish(w, status=retire(w, sel, kill=True))
+            continue
+        got, status = os.waitpid(w.pid, os.WNOHANG)
+        if got == w.pid:  # died while a grandchild holds its pipes
+            forget(w, sel)
+            finish(w, status=status)
+
+
 def run_all(DagBag, folder, files, parallel, timeout):
     """Import every file in a pool of warmed workers (Airflow already imported).
 
@@ -418,41 +461,8 @@ def run_all(DagBag, folder, files, parallel, timeout):
             workers.append(w)
             assign(w)
         for key, _ in sel.select(timeout=0.05):
-            w, which = key.data
-            if w.dead:
-                continue
-            chunk = os.read(key.fd, 65536)
-            if which == "out":
-                if not chunk:
-                    try:
-                        sel.unregister(key.fd)
-                    except (KeyError, ValueError):
-                        pass
-                elif w.job is not None:
-                    w.job.output_bytes += len(chunk)
-                    if len(w.job.output) < OUTPUT_KEEP:
-                        w.job.output += chunk[: OUTPUT_KEEP - len(w.job.output)]
-                continue
-            if not chunk:  # the worker is gone: its file ended it
-                finish(w, status=retire(w, sel))
-                continue
-            w.buf += chunk
-            while b"\n" in w.buf and w.job is not None:
-                line, w.buf = w.buf.split(b"\n", 1)
-                finish(w, result=line)
-                assign(w)
-        now = time.monotonic()
-        for w in workers:
-            if w.dead or w.job is None:
-                continue
-            if now > w.job.deadline:
-                w.job.timed_out = True
-                finish(w, status=retire(w, sel, kill=True))
-                continue
-            got, status = os.waitpid(w.pid, os.WNOHANG)
-            if got == w.pid:  # died while a grandchild holds its pipes
-                forget(w, sel)
-                finish(w, status=status)
+            read_ready(key, sel, finish, assign)
+        reap(workers, sel, finish)
     for w in workers:
         if not w.dead:
             retire(w, sel, kill=True)
@@ -504,6 +514,40 @@ def verdict(job, timeout):
     return entry
 
 
+def judge(files, done, home, allowed, timeout):
+    """Each file's entry of the report, in Airflow's own order (duplicate dag_ids named)."""
+    out = {}
+    owners = {}  # dag_id -> the file that defined it first, in Airflow's own order
+    for path in files:
+        rel = os.path.relpath(path, home)
+        entry = verdict(done[path], timeout)
+        for dag_id in entry["dags"]:
+            if dag_id in owners and "error" not in entry:
+                # Each file is imported on its own, so the DagBag's cross-file check is ours.
+                entry["error"] = {
+                    "kind": "AirflowDagDuplicatedIdException",
+                    "line": None,
+                    "traceback": "",
+                    "message": "dag_id %r is already defined in %s" % (dag_id, owners[dag_id]),
+                }
+            owners.setdefault(dag_id, rel)
+        entry["status"] = "ok"
+        if "error" in entry:
+            entry["status"] = "allowed" if os.path.normpath(rel) in allowed else "error"
+        out[rel] = entry
+        say(
+            "%-5s %s (%s)"
+            % (
+                entry["status"],
+                rel,
+                ("%d DAGs" % len(entry["dags"]))
+                if entry["status"] == "ok"
+                else entry["error"]["kind"],
+            )
+        )
+    return out
+
+
 def main():
     cfg = json.loads(os.environ["DEPLOYD_CHECK"])
     home = cfg.get("project") or os.getcwd()
@@ -533,34 +577,7 @@ def main():
     done = run_all(
         DagBag, folder, files, max(1, int(cfg.get("parallel", 1))), int(cfg["import_timeout"])
     )
-    owners = {}  # dag_id -> the file that defined it first, in Airflow's own order
-    for path in files:
-        rel = os.path.relpath(path, home)
-        entry = verdict(done[path], int(cfg["import_timeout"]))
-        for dag_id in entry["dags"]:
-            if dag_id in owners and "error" not in entry:
-                # Each file is imported on its own, so the DagBag's cross-file check is ours.
-                entry["error"] = {
-                    "kind": "AirflowDagDuplicatedIdException",
-                    "line": None,
-                    "traceback": "",
-                    "message": "dag_id %r is already defined in %s" % (dag_id, owners[dag_id]),
-                }
-            owners.setdefault(dag_id, rel)
-        entry["status"] = "ok"
-        if "error" in entry:
-            entry["status"] = "allowed" if os.path.normpath(rel) in allowed else "error"
-        report["files"][rel] = entry
-        say(
-            "%-5s %s (%s)"
-            % (
-                entry["status"],
-                rel,
-                ("%d DAGs" % len(entry["dags"]))
-                if entry["status"] == "ok"
-                else entry["error"]["kind"],
-            )
-        )
+    report["files"] = judge(files, done, home, allowed, int(cfg["import_timeout"]))
     report["seconds"] = round(time.monotonic() - started, 3)
     sys.stdout.write(RESULT_MARK + json.dumps(report) + "\n")
     sys.stdout.flush()
