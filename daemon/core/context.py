@@ -102,8 +102,7 @@ class DeployContext:
     @property
     def airflow_version(self) -> str | None:
         """The Airflow version of the image this deploy rolls out, if known."""
-        version = (self.report or {}).get("airflow_version")
-        return str(version) if version else None
+        return deploys.airflow_version(self.report)
 
     @property
     def deployment(self) -> Deployment:

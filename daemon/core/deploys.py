@@ -117,8 +117,7 @@ class Deploy:
     @property
     def airflow_version(self) -> str | None:
         """The Airflow version its DAG check found in the image, if it ran."""
-        version = (self.report or {}).get("airflow_version")
-        return str(version) if version else None
+        return airflow_version(self.report)
 
     @property
     def image_ref(self) -> str:
@@ -173,6 +172,12 @@ def plan(
         PlannedStep("push"),
         PlannedStep("roll", no_workloads),
     )
+
+
+def airflow_version(report: dict[str, Any] | None) -> str | None:
+    """The Airflow version a DAG check report found in the image, if any."""
+    version = (report or {}).get("airflow_version")
+    return str(version) if version else None
 
 
 def version_key(text: str | None) -> tuple[int, ...]:
