@@ -66,7 +66,7 @@ def _records(settings: config_mod.Settings) -> Records:
 
 
 def _services(settings: config_mod.Settings) -> Services:
-    return Services(settings, _records(settings), Images(settings.docker.host, settings.registry))
+    return Services(settings, _records(settings), Images(settings.docker, settings.registry))
 
 
 @click.group()

@@ -55,7 +55,7 @@ class Daemon:
         state_dir = settings.server.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.records = Records(state_dir / "deployd.db")
-        self.images = Images(settings.docker.host, settings.registry)
+        self.images = Images(settings.docker, settings.registry)
         self.services = Services(settings, self.records, self.images)
         self.pipeline = Pipeline(self.services)
         self.ssh = sshd.SSHState(settings, self.records, state_dir / "hook.sock")

@@ -26,7 +26,7 @@ import docker.errors
 import requests.exceptions
 
 from daemon.adapters import dockerfile
-from daemon.config import RegistrySettings
+from daemon.config import DockerSettings, RegistrySettings
 from daemon.core.ports import (
     LABEL_COMMIT,
     LABEL_DEPLOY_ID,
@@ -65,8 +65,11 @@ Line = Callable[[str], None]
 class Images:
     """The Docker Engine (and through it, the registry) as deployd uses them."""
 
-    def __init__(self, host: str, registry: RegistrySettings, *, push_backoff: float = 0.5) -> None:
-        self.host = host
+    def __init__(
+        self, docker: DockerSettings, registry: RegistrySettings, *, push_backoff: float = 0.5
+    ) -> None:
+        self.host = docker.host
+        self.allow_remote_add = docker.allow_remote_add
         self.registry = registry
         self.push_backoff = push_backoff
         self._api: docker.APIClient | None = None
@@ -145,7 +148,7 @@ class Images:
                 stream = client.build(
                     path=str(context),
                     tag=tag,
-                    dockerfile=dockerfile.labelled(context, labels),
+                    dockerfile=dockerfile.labelled(context, labels, self.allow_remote_add),
                     rm=True,
                     forcerm=True,
                     decode=True,

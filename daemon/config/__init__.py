@@ -77,7 +77,10 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Settings:
     top = Table(data, "", base)
     server = _server(top.table("server"))
     docker_t = top.table("docker")
-    docker = DockerSettings(host=docker_t.get_str("host", DockerSettings.host))
+    docker = DockerSettings(
+        host=docker_t.get_str("host", DockerSettings.host),
+        allow_remote_add=docker_t.get_bool("allow_remote_add", DockerSettings.allow_remote_add),
+    )
     docker_t.done()
     registry = _registry(top.table("registry"))
     kube_t = top.table("kubernetes")
@@ -110,9 +113,10 @@ def _server(t: Table) -> ServerSettings:
     public_url = t.get_str("public_url", d.public_url, check=v.url)
     api_token = t.secret("api_token_file")
     grace = t.seconds("shutdown_grace_seconds", d.shutdown_grace_seconds, minimum=0)
+    max_push_mb = t.get_int("max_push_mb", d.max_push_mb)
     t.done()
     return ServerSettings(
-        state_dir, ssh_listen, http_listen, public_url.rstrip("/"), api_token, grace
+        state_dir, ssh_listen, http_listen, public_url.rstrip("/"), api_token, grace, max_push_mb
     )
 
 

@@ -21,6 +21,8 @@ class ServerSettings:
     public_url: str = ""
     api_token: str | None = field(default=None, repr=False)
     shutdown_grace_seconds: int = 600
+    # The largest pack a push may send; git refuses more before storing it.
+    max_push_mb: int = 500
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class DockerSettings:
     """[docker]: the Docker Engine to build and run checks on."""
 
     host: str = "unix:///var/run/docker.sock"
+    # ADD of a URL makes the Engine download it from the build host's network
+    # (loopback, cloud metadata): refused unless allowed.
+    allow_remote_add: bool = False
 
 
 @dataclass(frozen=True)

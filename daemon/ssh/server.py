@@ -40,6 +40,17 @@ KEEPALIVE_SECONDS = 30
 # when offered, and asyncssh's chacha runs per packet in Python (about 10%
 # slower on a 50 MB clone here); AES-GCM runs in OpenSSL.
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+# Elliptic-curve and hybrid post-quantum key exchange only: no SHA-1, no 1024-bit or
+# finite-field groups (whose server-side cost lets a few clients pin a core: DHEat).
+# The ML-KEM hybrid is offered where this asyncssh has it; every OpenSSH since 7.4 has
+# curve25519.
+KEX = ("mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org")
+# Encrypt-then-MAC only (used with the CTR ciphers; GCM carries its own).
+MACS = (
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "umac-128-etm@openssh.com",
+)
 _GIT_PROTOCOL = re.compile(r"version=[0-9]")
 
 
@@ -152,10 +163,20 @@ async def start(
         x11_forwarding=False,
         allow_scp=False,
         encryption_algs=CIPHERS,
+        kex_algs=offered_kex(),
+        mac_algs=MACS,
         login_timeout=LOGIN_TIMEOUT_SECONDS,
         keepalive_interval=KEEPALIVE_SECONDS,
         keepalive_count_max=3,
     )
+
+
+def offered_kex() -> tuple[str, ...]:
+    """KEX, less what this asyncssh does not implement."""
+    from asyncssh.kex import get_kex_algs
+
+    known = {alg.decode() for alg in get_kex_algs()}
+    return tuple(alg for alg in KEX if alg in known)
 
 
 def ensure_host_key(path: Path) -> str:
@@ -299,6 +320,7 @@ async def _git(
     try:
         proc = await asyncio.create_subprocess_exec(
             "git",
+            *git_limits(command.name, state.settings),
             command.name.removeprefix("git-"),
             str(repo),
             stdin=asyncio.subprocess.PIPE,
@@ -311,6 +333,18 @@ async def _git(
         if not done.done():
             done.set_result(None)
         state.sessions.pop(token, None)
+
+
+def git_limits(command: str, settings: Settings) -> list[str]:
+    """`-c` options that bound what a push may store: size, and objects git finds malformed.
+
+    A pack over max_push_mb is refused while it arrives, before any of it is kept;
+    fsck refuses trees with duplicate entries, `..` or `.git` names and the like.
+    """
+    if command != "git-receive-pack":
+        return []
+    size = settings.server.max_push_mb * 1024 * 1024
+    return ["-c", f"receive.maxInputSize={size}", "-c", "receive.fsckObjects=true"]
 
 
 async def _bridge(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from daemon.adapters.images import Images
-from daemon.config import RegistrySettings
+from daemon.config import DockerSettings, RegistrySettings
 from daemon.core.ports import Sandbox
+from daemon.errors import BuildError
 from tests.support.testenv import Infra
 
 pytestmark = pytest.mark.integration
@@ -30,7 +34,7 @@ def test_project_files_reach_the_check_read_only(
     project = tmp_path / "project"
     (project / "dags").mkdir(parents=True)
     (project / "dags" / "a.py").write_text("print('hello from a.py')\n")
-    images = cls(testenv.docker_host, RegistrySettings())
+    images = cls(DockerSettings(testenv.docker_host), RegistrySettings())
     lines: list[str] = []
     labels = {"deployd.deployment": "images-test", "deployd.deploy-id": "1"}
     run = images.run_sandboxed(
@@ -54,3 +58,50 @@ def test_project_files_reach_the_check_read_only(
     assert (
         docker_api.containers(all=True, filters={"label": "deployd.deployment=images-test"}) == []
     )
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_add_of_a_url_on_the_build_hosts_loopback(
+    tmp_path: Path, testenv: Infra, docker_api: Any, allowed: bool
+) -> None:
+    # The Engine downloads ADD URLs itself, from the host's network: a secret served on the
+    # build host's loopback is in reach of any pushed Dockerfile unless deployd refuses it.
+    asked: list[str] = []
+
+    class Secret(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            body = b"metadata-token\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Secret)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    context = tmp_path / "ctx"
+    context.mkdir()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/latest/meta-data/token"
+    (context / "Dockerfile").write_text(
+        f"FROM {testenv.busybox_image}\n# a comment\nADD --chmod=644 \\\n    {url} /token\n"
+    )
+    images = Images(
+        DockerSettings(testenv.docker_host, allow_remote_add=allowed), RegistrySettings()
+    )
+    labels = {"deployd.deployment": "add-test", "deployd.deploy-id": "1"}
+    tag = f"deployd-test/add-url:{int(allowed)}"
+    try:
+        if allowed:
+            images.build(context, tag, labels, lambda _line: None)
+            assert asked == ["/latest/meta-data/token"]  # the risk is real
+        else:
+            with pytest.raises(BuildError, match=r"Dockerfile line 3: ADD http://127\.0\.0\.1"):
+                images.build(context, tag, labels, lambda _line: None)
+            assert asked == []  # and nothing was fetched
+    finally:
+        httpd.shutdown()
+        with contextlib.suppress(Exception):
+            docker_api.remove_image(tag, force=True)

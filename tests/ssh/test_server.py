@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.projects import GOOD_DAG, commit_all, make_project
+from tests.support.projects import GIT_ENV, GOOD_DAG, commit_all, make_project
 from tests.support.sshserver import Server, make_server
 from tests.support.testenv import Infra
 
@@ -453,3 +454,120 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
         ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+# -- what a push may store, and how a connection may be made -------------------------
+
+
+def test_a_push_over_max_push_mb_is_refused_before_it_is_stored(
+    tmp_path: Path, testenv: Infra
+) -> None:
+    srv = make_server(tmp_path / "srv", testenv, max_push_mb=1)
+    srv.start()
+    try:
+        repo = project(tmp_path, testenv, srv)
+        (repo / "include" / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+        commit = commit_all(repo, "A 3 MB file")
+        push = srv.git(repo, "push", "astro", "main")
+        assert push.returncode != 0
+        assert "pack exceeds maximum allowed size" in push.stderr, push.stderr
+        server_repo = srv.state_dir / "repos" / "prod.git"
+        kept = subprocess.run(
+            ["git", "-C", str(server_repo), "cat-file", "-e", commit], capture_output=True
+        )
+        assert kept.returncode != 0  # nothing of it was kept
+        assert deploys(srv) == []  # and nothing was deployed
+    finally:
+        srv.stop()
+
+
+def _bad_tree_commit(repo: Path, names: list[bytes]) -> str:
+    """A commit whose root tree lists `names` (each a blob), written as git would not."""
+    blob = subprocess.run(
+        ["git", "-C", str(repo), "hash-object", "-w", "--stdin"],
+        input=b"x = 1\n",
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    raw = b"".join(b"100644 " + n + b"\0" + bytes.fromhex(blob.decode()) for n in names)
+    tree = (
+        subprocess.run(
+            ["git", "-C", str(repo), "hash-object", "-t", "tree", "-w", "--literally", "--stdin"],
+            input=raw,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .strip()
+    )
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(repo), "commit-tree", tree, "-p", head, "-m", "Malformed tree"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **GIT_ENV},
+    ).stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("names", "fsck"),
+    [
+        ([b"Dockerfile", b"Dockerfile"], "duplicateEntries"),
+        ([b"..", b"Dockerfile"], "hasDotdot"),
+        ([b".git", b"Dockerfile"], "hasDotgit"),
+    ],
+)
+def test_a_push_with_a_malformed_tree_is_refused(
+    tmp_path: Path, testenv: Infra, server: Server, names: list[bytes], fsck: str
+) -> None:
+    repo = project(tmp_path, testenv, server)
+    bad = _bad_tree_commit(repo, names)
+    push = server.git(repo, "push", "astro", f"{bad}:refs/heads/main")
+    assert push.returncode != 0
+    assert fsck in push.stderr, push.stderr
+    assert deploys(server) == []
+
+
+@pytest.mark.parametrize(
+    ("opts", "refusal"),
+    [
+        (("-o", "KexAlgorithms=diffie-hellman-group14-sha1"), "no matching key exchange"),
+        (("-o", "KexAlgorithms=diffie-hellman-group-exchange-sha256"), "no matching key exchange"),
+        (("-o", "KexAlgorithms=diffie-hellman-group18-sha512"), "no matching key exchange"),
+        (("-o", "Ciphers=aes128-ctr", "-o", "MACs=hmac-sha1"), "no matching MAC"),
+    ],
+)
+def test_weak_algorithms_are_not_offered(
+    server: Server, opts: tuple[str, ...], refusal: str
+) -> None:
+    weak = server.ssh("help", opts=opts)
+    assert weak.returncode != 0 and refusal in weak.stderr, weak.stderr
+    modern = server.ssh("help", opts=("-o", "Ciphers=aes128-ctr"))
+    assert modern.returncode == 0, modern.stderr  # with an etm MAC
+
+
+def test_an_ssh_audit_finds_nothing_to_fail(server: Server) -> None:
+    audit = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "ssh-audit"),
+            "-j",
+            "-p",
+            str(server.ssh_port),
+            "127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    report = json.loads(audit.stdout)
+    failing = [
+        alg["algorithm"]
+        for section in ("kex", "key", "enc", "mac")
+        for alg in report.get(section, [])
+        if alg.get("notes", {}).get("fail")
+    ]
+    assert failing == [], failing

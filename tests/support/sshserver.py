@@ -165,7 +165,12 @@ class Server:
 
 
 def make_server(
-    root: Path, infra: Infra, *, grace: int = 600, extra: dict[str, object] | None = None
+    root: Path,
+    infra: Infra,
+    *,
+    grace: int = 600,
+    extra: dict[str, object] | None = None,
+    max_push_mb: int | None = None,
 ) -> Server:
     """Write keys and a config for a Server (not started)."""
     (root / "keys").mkdir(parents=True)
@@ -181,7 +186,9 @@ def make_server(
     text = config.read_text().replace(
         "[docker]",
         f'ssh_listen = "127.0.0.1:{ssh_port}"\nhttp_listen = "127.0.0.1:{http_port}"\n'
-        f"shutdown_grace_seconds = {grace}\n\n[docker]",
+        f"shutdown_grace_seconds = {grace}\n"
+        + (f"max_push_mb = {max_push_mb}\n" if max_push_mb else "")
+        + "\n[docker]",
     )
     for name, deps, admin in (
         ("alice", ["prod"], False),
