@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from daemon.adapters.records import Records
 from daemon.core.deploys import LogLine
+from daemon.printable import printable
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class DeployLog:
 
     def write(self, line: str, step: str | None = None) -> None:
         """Add one line (thread-safe); beyond the step's cap it is only counted."""
-        line = line.rstrip("\r\n")
+        line = printable(line.rstrip("\r\n"))
         if len(line) > MAX_LINE_CHARS:
             line = line[:MAX_LINE_CHARS] + f" [... {len(line) - MAX_LINE_CHARS} chars cut]"
         key = step or ""

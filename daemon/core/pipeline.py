@@ -31,6 +31,7 @@ from daemon.core.policy import Branch, Lifecycle
 from daemon.core.ports import LABEL_DEPLOY_ID
 from daemon.core.recovery import reconcile_roll, recover, work_root
 from daemon.errors import DeploydError, StepFailed
+from daemon.printable import printable
 from daemon.steps import build, checkout, push, roll
 from daemon.steps.checks import parse, pytest
 
@@ -71,7 +72,7 @@ def queued_fields(request: DeployRequest) -> dict[str, object]:
         "options": request.options,
         "pid": os.getpid(),
         "commit": request.commit,
-        "description": request.options.description or request.subject,
+        "description": printable(request.options.description or request.subject),
         "rollback_of": request.rollback_to.id if request.rollback_to else None,
     }
 
@@ -393,6 +394,7 @@ class Pipeline:
 
     def _finish(self, ctx: DeployContext, state: str, error: str, step: str | None) -> None:
         records = self.services.records
+        error = printable(error)  # it quotes build output, DAG errors, the registry
         for name in records.running_steps(ctx.id):
             records.step_finished(ctx.id, name, "cancelled", "stopped")
         ctx.say(f"-----> deploy #{ctx.id} {state}: {error}")

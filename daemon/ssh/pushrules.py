@@ -69,9 +69,10 @@ def parse_options(raw: list[str]) -> Options:
             pytest = True
         elif option.startswith("description="):
             description = option.partition("=")[2].strip()
-            if len(description) > MAX_DESCRIPTION or any(ord(c) < 32 for c in description):
+            if len(description) > MAX_DESCRIPTION or not description.isprintable():
                 raise Refused(
-                    f"the description must be one line of at most {MAX_DESCRIPTION} characters."
+                    f"the description must be one line of printable text, at most "
+                    f"{MAX_DESCRIPTION} characters."
                 )
         else:
             raise Refused(

@@ -14,7 +14,9 @@ from typing import Any
 import asyncssh
 import pytest
 
+from daemon.printable import printable
 from daemon.ssh import server
+from tests.support.projects import commit_all, git
 from tests.support.sshworld import SSHWorld
 
 
@@ -310,3 +312,18 @@ async def test_a_password_is_not_accepted(world: SSHWorld) -> None:
     # Nor a configured key's holder with a password instead of the key.
     with pytest.raises(asyncssh.PermissionDenied):
         await connect(world, None, username="alice", password="alice")
+
+
+async def test_terminal_escapes_in_a_subject_reach_no_reader_raw(world: SSHWorld) -> None:
+    (world.project / "dags" / "x.py").write_text("x = 1\n")
+    commit_all(world.project, "Fix \x1b]0;pwned\x07\x1b[2J title\r-----> deployed prod:forged")
+    subject = git(world.project, "log", "-1", "--format=%s")
+    assert "\x1b" in subject  # git keeps the escapes: deployd must neutralise them
+    rec = await world.deploy("prod")
+    assert rec.description == printable(subject)
+    assert rec.description.startswith("Fix ^[]0;pwned^G^[[2J title^")
+    shown = await run(world, f"logs {rec.id}")
+    listed = await run(world, "deploys prod")
+    for text in (shown.stdout, listed.stdout, "".join(world.lines)):
+        assert not any(c in text for c in "\x1b\x07\r"), text
+    assert printable(subject)[:40] in shown.stdout.splitlines()[0]

@@ -41,7 +41,17 @@ def test_other_pushes_are_refused_with_what_to_do(updates: list[RefUpdate], mess
 
 
 @pytest.mark.parametrize(
-    "raw", [["yolo"], ["description=" + "x" * 600], ["description=two\nlines"], ["force=1"]]
+    "raw",
+    [
+        ["yolo"],
+        ["description=" + "x" * 600],
+        ["description=two\nlines"],
+        ["force=1"],
+        ["description=csi \x9b31m"],  # C1 controls
+        ["description=\x1b[2J"],
+        ["description=del\x7f"],
+        ["description=evil\u202eexe"],
+    ],
 )
 def test_bad_push_options(raw: list[str]) -> None:
     with pytest.raises(Refused):
