@@ -74,6 +74,9 @@ def _services(settings: config_mod.Settings) -> Services:
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """deployd: deploy Apache Airflow projects on git push."""
+    # The records, repositories and keys deployd writes are nobody else's to read,
+    # whatever umask it was started with (the unit sets UMask=0077; a shell, 022).
+    os.umask(0o077)
     ctx.obj = {"config_path": config_path}
 
 

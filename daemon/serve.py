@@ -25,7 +25,7 @@ from daemon.adapters import repos
 from daemon.adapters.github import StatusReporter
 from daemon.adapters.images import Images
 from daemon.adapters.locks import DeploymentLock
-from daemon.adapters.records import Records
+from daemon.adapters.records import Records, private
 from daemon.core.context import Services
 from daemon.core.pipeline import HOLD_LOCK_SECONDS, Pipeline
 from daemon.core.policy import Lifecycle
@@ -53,7 +53,7 @@ class Daemon:
     def __init__(self, config_path: Path, settings: config_mod.Settings) -> None:
         self.config_path = config_path
         state_dir = settings.server.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private(state_dir)
         self.records = Records(state_dir / "deployd.db")
         self.images = Images(settings.docker, settings.registry)
         self.services = Services(settings, self.records, self.images)

@@ -26,6 +26,7 @@ import docker.errors
 import requests.exceptions
 
 from daemon.adapters import dockerfile
+from daemon.adapters.streams import Lines
 from daemon.config import DockerSettings, RegistrySettings
 from daemon.core.ports import (
     LABEL_COMMIT,
@@ -66,10 +67,10 @@ class Images:
     """The Docker Engine (and through it, the registry) as deployd uses them."""
 
     def __init__(
-        self, docker: DockerSettings, registry: RegistrySettings, *, push_backoff: float = 0.5
+        self, engine: DockerSettings, registry: RegistrySettings, *, push_backoff: float = 0.5
     ) -> None:
-        self.host = docker.host
-        self.allow_remote_add = docker.allow_remote_add
+        self.host = engine.host
+        self.allow_remote_add = engine.allow_remote_add
         self.registry = registry
         self.push_backoff = push_backoff
         self._api: docker.APIClient | None = None
@@ -292,8 +293,7 @@ class Images:
         self, cid: str, sandbox: Sandbox, on_line: Line, stop: threading.Event | None
     ) -> ContainerRun:
         self.api.start(cid)
-        output: list[str] = []
-        reader = threading.Thread(target=self._read_logs, args=(cid, on_line, output), daemon=True)
+        reader = threading.Thread(target=self._read_logs, args=(cid, on_line), daemon=True)
         reader.start()
         deadline = time.monotonic() + sandbox.timeout_seconds
         timed_out = False
@@ -321,24 +321,17 @@ class Images:
             exit_code=exit_code,
             timed_out=timed_out,
             oom_killed=bool(state.get("OOMKilled")),
-            output=output,
         )
 
-    def _read_logs(self, cid: str, on_line: Line, output: list[str]) -> None:
-        buf = b""
+    def _read_logs(self, cid: str, on_line: Line) -> None:
+        lines = Lines()
         try:
             for chunk in self.api.logs(cid, stream=True, follow=True, stdout=True, stderr=True):
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    line = raw.decode("utf-8", errors="replace")
-                    output.append(line)
+                for line in lines.feed(chunk):
                     on_line(line)
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             log.warning("reading container logs of %s stopped: %s", cid[:12], exc)
-        if buf:
-            line = buf.decode("utf-8", errors="replace")
-            output.append(line)
+        for line in lines.close():
             on_line(line)
 
     def ncpu(self) -> int:

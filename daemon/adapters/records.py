@@ -8,8 +8,10 @@ flight and in which step.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -31,11 +33,18 @@ def now() -> float:
 MAX_ARTIFACT = 5 * 1024 * 1024
 
 
+def private(state_dir: Path) -> None:
+    """Create `state_dir` readable by its owner only (and make an existing one so)."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if state_dir.stat().st_uid == os.getuid():
+        state_dir.chmod(0o700)
+
+
 class Records:
     """The deploy records of one state_dir. Safe to share between threads."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private(path.parent)
         conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
@@ -47,6 +56,9 @@ class Records:
             fcntl.flock(guard, fcntl.LOCK_EX)
             self.db.enable_wal()
             self.migrate()
+        for name in (path.name, path.name + "-wal", path.name + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (path.parent / name).chmod(0o600)  # made before this version, or under 022
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("PRAGMA foreign_keys = ON")
 

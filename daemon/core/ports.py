@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,7 +36,6 @@ class ContainerRun:
     exit_code: int | None
     timed_out: bool = False
     oom_killed: bool = False
-    output: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

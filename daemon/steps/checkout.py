@@ -66,6 +66,10 @@ async def run(ctx: DeployContext) -> str:
         if await asyncio.to_thread(git.fetch_remote, req.repo, dep.fetch_url, req.commit, env):
             fetched = f", fetched in {time.monotonic() - t0:.2f} s"
     await asyncio.to_thread(git.export, req.repo, req.commit, ctx.source, req.object_env)
+    # The check containers run as the image's user (Astro's is `astro`, not root) and
+    # read the project through a bind mount of this folder: it is theirs to read, while
+    # the state dir above it stays private.
+    ctx.source.chmod(0o755)
     ctx.tree = await asyncio.to_thread(git.tree, req.repo, req.commit, req.object_env)
     ctx.services.records.update(ctx.id, tree_sha=ctx.tree)
     await asyncio.to_thread(refuse_escaping_links, ctx.source)

@@ -105,3 +105,26 @@ def test_add_of_a_url_on_the_build_hosts_loopback(
         httpd.shutdown()
         with contextlib.suppress(Exception):
             docker_api.remove_image(tag, force=True)
+
+
+def test_a_check_printing_40_mb_without_a_newline_is_read_whole_and_in_time(
+    tmp_path: Path, testenv: Infra
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    images = Images(DockerSettings(testenv.docker_host), RegistrySettings())
+    lines: list[str] = []
+    run = images.run_sandboxed(
+        testenv.busybox_image,
+        ["/bin/sh", "-c", "head -c 40000000 /dev/zero | tr '\\0' x; echo; echo done"],
+        project=project,
+        mount_at="/project",
+        environment={},
+        sandbox=Sandbox(memory_mb=256, cpus=1, timeout_seconds=60),
+        labels={"deployd.deployment": "images-test", "deployd.deploy-id": "2"},
+        on_line=lines.append,
+    )
+    assert run.exit_code == 0
+    # Every line arrived (a quadratic reader was still busy when the container ended).
+    assert lines[-1] == "done" and len(lines) == 2, [line[:80] for line in lines]
+    assert lines[0].endswith("more bytes of this line not kept]")

@@ -8,7 +8,9 @@ and what was recorded and pushed.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import threading
 import time
@@ -472,3 +474,35 @@ def test_logs_follow_streams_until_the_deploy_ends(
     assert follower.stdout.rstrip().splitlines()[-1].startswith("-----> deployed ")
     assert d.run("logs", "999").returncode == 2
     assert d.run("logs", "abc").returncode == 2
+
+
+def test_state_is_private_whatever_the_umask_and_a_non_root_image_reads_the_project(
+    tmp_path: Path, testenv: Infra, make_deployd: Any
+) -> None:
+    # Astro Runtime images run as the non-root `astro` user; this one runs as uid 50000.
+    d = make_deployd({"name": "private", "image": repo_for(testenv, "private"), "pytest": True})
+    project = make_project(
+        tmp_path / "p",
+        testenv.airflow_image,
+        dockerfile=f"FROM {testenv.airflow_image}\nUSER 50000\n",
+    )
+    old = os.umask(0o022)  # as when run by hand from a shell
+    try:
+        proc, rec = deploy(d, project, "private")
+        listed = d.run("deploys")
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr
+    assert rec is not None and rec["state"] == "succeeded"
+    assert listed.returncode == 0, listed.stderr
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(d.state_dir) == 0o700
+    for name in ("deployd.db", "deployd.db-wal", "deployd.db-shm"):
+        if (d.state_dir / name).exists():
+            assert mode(d.state_dir / name) == 0o600, name
+    repos = d.state_dir / "repos"
+    assert mode(repos) == 0o700 and mode(repos / "private.git") == 0o700
+    readable = [
+        p for p in d.state_dir.rglob("*") if p.is_file() and not p.is_symlink() and mode(p) & 0o044
+    ]
+    assert readable == [] or all("hooks" in p.parts for p in readable), readable
