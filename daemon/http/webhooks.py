@@ -13,6 +13,7 @@ nothing in the payload names a path or a URL deployd uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -38,6 +39,11 @@ from daemon.errors import DeploydError
 log = logging.getLogger(__name__)
 
 MAX_BODY = 25 * 1024 * 1024
+# Bodies over LARGE_BODY are read LARGE_READS at a time (the others wait, unread,
+# under TCP's backpressure): what a flood of big bodies can hold is bounded.
+LARGE_BODY = 1024 * 1024
+LARGE_READS = 4
+CHUNK = 64 * 1024
 _SIGNATURE = re.compile(r"sha256=([0-9a-fA-F]{64})")
 _DELIVERY = re.compile(r"[A-Za-z0-9-]{1,100}")
 _HOOK_ID = re.compile(r"[0-9]{1,20}")
@@ -45,21 +51,42 @@ _EVENT = re.compile(r"[a-z_]{1,64}")
 _SHA = re.compile(r"[0-9a-f]{40}")
 
 
-def signature_ok(secrets: Sequence[str], body: bytes, header: str | None) -> bool:
-    """Whether `header` is `sha256=<HMAC-SHA256 of body>` under one of `secrets`.
+class Signature:
+    """X-Hub-Signature-256 checked as the body arrives (HMAC is incremental).
 
     Every secret is tried (no early exit on a match), each comparison in
     constant time.
     """
-    match = _SIGNATURE.fullmatch(header or "")
-    if match is None:
-        return False
-    given = match.group(1).lower().encode()
-    ok = False
-    for secret in secrets:
-        expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest().encode()
-        ok |= hmac.compare_digest(expected, given)
-    return ok
+
+    def __init__(self, secrets: Sequence[str], header: str | None) -> None:
+        match = _SIGNATURE.fullmatch(header or "")
+        self.given = match.group(1).lower().encode() if match else None
+        self._macs = [hmac.new(s.encode(), digestmod=hashlib.sha256) for s in secrets]
+
+    @property
+    def well_formed(self) -> bool:
+        """Whether the header is `sha256=<64 hex digits>` (else nothing need be read)."""
+        return self.given is not None
+
+    def update(self, chunk: bytes) -> None:
+        for mac in self._macs:
+            mac.update(chunk)
+
+    def matches(self) -> bool:
+        """Whether the body fed so far is signed by one of the secrets."""
+        ok = False
+        for mac in self._macs:
+            ok |= self.given is not None and hmac.compare_digest(
+                mac.hexdigest().encode(), self.given
+            )
+        return ok
+
+
+def signature_ok(secrets: Sequence[str], body: bytes, header: str | None) -> bool:
+    """Whether `header` is `sha256=<HMAC-SHA256 of body>` under one of `secrets`."""
+    signature = Signature(secrets, header)
+    signature.update(body)
+    return signature.matches()
 
 
 @dataclass
@@ -149,6 +176,7 @@ class Webhooks:
         self.records = records
         self.pipeline = pipeline
         self.running: set[asyncio.Task[Any]] = set()
+        self._large = asyncio.Semaphore(LARGE_READS)
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one delivery."""
@@ -159,16 +187,21 @@ class Webhooks:
                 415,
                 error="only JSON deliveries: set the webhook's content type to application/json.",
             )
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return _answer(413, error=f"the body is over {MAX_BODY // (1024 * 1024)} MiB.")
         settings = self._settings()
         secrets = settings.github.webhook_secrets
         if not secrets:
             return _answer(403, error="webhooks are off: [github] webhook_secret_file is not set.")
-        if not signature_ok(secrets, body, request.headers.get("X-Hub-Signature-256")):
-            return _answer(401, error="X-Hub-Signature-256 is missing or does not match the body.")
+        signature = Signature(secrets, request.headers.get("X-Hub-Signature-256"))
+        unsigned = _answer(401, error="X-Hub-Signature-256 is missing or does not match the body.")
+        if not signature.well_formed:
+            return unsigned  # nothing read: an unsigned body costs no memory
+        large = request.content_length is None or request.content_length > LARGE_BODY
+        async with self._large if large else contextlib.nullcontext():
+            body = await _read(request, signature)
+        if body is None:
+            return _answer(413, error=f"the body is over {MAX_BODY // (1024 * 1024)} MiB.")
+        if not signature.matches():
+            return unsigned
         event = request.headers.get("X-GitHub-Event", "")
         delivery = request.headers.get("X-GitHub-Delivery", "")
         hook_id = request.headers.get("X-GitHub-Hook-ID", "0")
@@ -206,7 +239,7 @@ class Webhooks:
             log.info("delivery %s: %s", delivery, answer["message"])
         return web.json_response(answer, status=status)
 
-    def _decide(self, event: str, body: bytes, settings: Settings) -> Decision:
+    def _decide(self, event: str, body: bytes | bytearray, settings: Settings) -> Decision:
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -283,6 +316,20 @@ class Webhooks:
             log.warning("webhook deploy #%s: %s", deploy_id, exc.message)
         except Exception:
             log.exception("webhook deploy #%s failed with an internal error", deploy_id)
+
+
+async def _read(request: web.Request, signature: Signature) -> bytearray | None:
+    """The body, fed to `signature` as it arrives; None once it passes MAX_BODY.
+
+    It grows with what was really sent (a declared Content-Length reserves nothing).
+    """
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(CHUNK):
+        if len(body) + len(chunk) > MAX_BODY:
+            return None
+        signature.update(chunk)
+        body += chunk
+    return body
 
 
 def _answer(status: int, *, error: str) -> web.Response:

@@ -348,7 +348,11 @@ def test_huge_and_random_bodies_keep_the_daemon_serving(hooked: Hooked) -> None:
             "/webhooks/github",
             body=chunks(),
             encode_chunked=True,
-            headers={"Content-Type": "application/json", "X-GitHub-Event": "push"},
+            headers={
+                "Content-Type": "application/json",
+                "X-GitHub-Event": "push",
+                "X-Hub-Signature-256": "sha256=" + "0" * 64,  # read, to be checked
+            },
         )
         status = conn.getresponse().status
     except OSError:
@@ -544,3 +548,56 @@ def test_accepted_deliveries_survive_a_restart(
         assert os.getpid() != rec["pid"]
     finally:
         srv.stop()
+
+
+def test_a_flood_of_large_missigned_bodies_is_bounded_and_others_are_served(
+    hooked: Hooked,
+) -> None:
+    pid = hooked.srv.proc.pid  # type: ignore[union-attr]
+    before = _rss_kb(pid)
+    body = b"x" * (25 * 1024 * 1024)
+    headers = {
+        "Content-Type": "application/json",
+        "X-GitHub-Event": "push",
+        "X-GitHub-Delivery": "flood",
+        "X-Hub-Signature-256": "sha256=" + "0" * 64,  # well-formed, wrong
+    }
+    peak, health = [before], []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak.append(_rss_kb(pid))
+            t0 = time.monotonic()
+            assert request(hooked.srv, "GET", "/healthz", None, {})[0] == 200
+            health.append(time.monotonic() - t0)
+            time.sleep(0.05)
+
+    def post(_: int) -> int:
+        return request(hooked.srv, "POST", "/webhooks/github", body, headers)[0]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(40) as pool:
+            statuses = list(pool.map(post, range(40)))
+    finally:
+        stop.set()
+        watcher.join()
+    assert statuses == [401] * 40
+    # At most a few bodies are held at once (4 x 25 MiB), and the memory comes back.
+    assert max(peak) - before < 200 * 1024, (before, max(peak))
+    time.sleep(1)
+    assert _rss_kb(pid) - before < 100 * 1024, (before, _rss_kb(pid))
+    assert max(health) < 1.0, max(health)  # everyone else is still served
+    # The same bodies without a signature are answered before a byte of them is read.
+    conn = http.client.HTTPConnection("127.0.0.1", hooked.srv.http_port, timeout=10)
+    conn.putrequest("POST", "/webhooks/github")
+    for k, v in {**headers, "Content-Length": str(len(body))}.items():
+        if k != "X-Hub-Signature-256":
+            conn.putheader(k, v)
+    conn.endheaders()  # and no body sent at all
+    assert conn.getresponse().status == 401
+    conn.close()
