@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import resource
 import signal
 from pathlib import Path
 from typing import Any
@@ -212,9 +214,43 @@ def serve(config_path: Path) -> None:
     """Load the config and run the daemon until it is told to stop."""
     logging.basicConfig(level=logging.INFO, format="deployd %(levelname)s %(name)s: %(message)s")
     settings = config_mod.load(config_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # every connection is a descriptor: take what we are allowed
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(config_path, settings))
 
 
+class LoopErrors:
+    """The event loop's error handler: out-of-descriptor errors once per interval, not per try.
+
+    When accept() fails with EMFILE, asyncio retries every second per listener
+    and reports every failure; a flood of connections would fill the log.
+    """
+
+    INTERVAL = 60.0
+
+    def __init__(self) -> None:
+        self._last = -self.INTERVAL
+        self._hidden = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            now = loop.time()
+            if now - self._last < self.INTERVAL:
+                self._hidden += 1
+                return
+            log.error(
+                "out of file descriptors (%s)%s; new connections wait",
+                exc.strerror,
+                f", {self._hidden} more like it in the last interval" if self._hidden else "",
+            )
+            self._last, self._hidden = now, 0
+            return
+        loop.default_exception_handler(context)
+
+
 async def _main(config_path: Path, settings: config_mod.Settings) -> None:
+    asyncio.get_running_loop().set_exception_handler(LoopErrors())
     await Daemon(config_path, settings).run()

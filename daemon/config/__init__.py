@@ -114,9 +114,21 @@ def _server(t: Table) -> ServerSettings:
     api_token = t.secret("api_token_file")
     grace = t.seconds("shutdown_grace_seconds", d.shutdown_grace_seconds, minimum=0)
     max_push_mb = t.get_int("max_push_mb", d.max_push_mb)
+    unauthenticated = t.get_int("ssh_max_unauthenticated", d.ssh_max_unauthenticated)
+    per_source = t.get_int(
+        "ssh_max_unauthenticated_per_source", d.ssh_max_unauthenticated_per_source
+    )
     t.done()
     return ServerSettings(
-        state_dir, ssh_listen, http_listen, public_url.rstrip("/"), api_token, grace, max_push_mb
+        state_dir,
+        ssh_listen,
+        http_listen,
+        public_url.rstrip("/"),
+        api_token,
+        grace,
+        max_push_mb,
+        unauthenticated,
+        per_source,
     )
 
 

@@ -28,6 +28,7 @@ from daemon.config import Deployment, Key, Settings
 from daemon.core import usecases
 from daemon.errors import DeploydError
 from daemon.ssh import pushrules
+from daemon.ssh.gate import Gate
 
 if TYPE_CHECKING:
     from daemon.core.pipeline import Pipeline
@@ -78,6 +79,11 @@ class SSHState:
     keys: dict[str, Key] = field(default_factory=dict)
     # Runs rollbacks asked for over SSH (set by `deployd serve`).
     pipeline: Pipeline | None = None
+    gate: Gate = field(init=False)
+
+    def __post_init__(self) -> None:
+        server = self.settings.server
+        self.gate = Gate(server.ssh_max_unauthenticated, server.ssh_max_unauthenticated_per_source)
 
     def load_keys(self, settings: Settings) -> None:
         """Index the configured public keys by their key blob."""
@@ -104,9 +110,28 @@ class _Server(asyncssh.SSHServer):
     def __init__(self, state: SSHState) -> None:
         self.state = state
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.counted = ""  # the source this connection is counted against, until it is in
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        peer = conn.get_extra_info("peername")
+        source = str(peer[0]) if peer else "?"
+        if not self.state.gate.admit(source):
+            # Closed before our banner; aborting here would race asyncssh's own send.
+            asyncio.get_running_loop().call_soon(conn.abort)
+            return
+        self.counted = source
+
+    def auth_completed(self) -> None:
+        self._uncount()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._uncount()
+
+    def _uncount(self) -> None:
+        if self.counted:
+            self.state.gate.leave(self.counted)
+            self.counted = ""
 
     def begin_auth(self, username: str) -> bool:
         return True

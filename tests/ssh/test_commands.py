@@ -7,6 +7,7 @@ tests/ssh/test_server.py (integration); here every command answers in millisecon
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 from daemon.printable import printable
 from daemon.ssh import server
+from daemon.ssh.gate import Gate
 from tests.support.projects import commit_all, git
 from tests.support.sshworld import SSHWorld
 
@@ -327,3 +329,56 @@ async def test_terminal_escapes_in_a_subject_reach_no_reader_raw(world: SSHWorld
     for text in (shown.stdout, listed.stdout, "".join(world.lines)):
         assert not any(c in text for c in "\x1b\x07\r"), text
     assert printable(subject)[:40] in shown.stdout.splitlines()[0]
+
+
+async def _hold(w: SSHWorld, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection from `source` that never authenticates (it sends nothing)."""
+    return await asyncio.open_connection("127.0.0.1", w.port, local_addr=(source, 0))
+
+
+async def _admitted(reader: asyncio.StreamReader) -> bool:
+    """Whether the server kept the connection open (it sent its banner and waits for ours)."""
+    banner = await asyncio.wait_for(reader.readline(), 5)
+    try:
+        more = await asyncio.wait_for(reader.read(1), 0.3)
+    except TimeoutError:
+        return banner.startswith(b"SSH-2.0-")
+    assert more == b"", more
+    return False  # closed on us at once
+
+
+async def test_unauthenticated_connections_are_capped_and_users_still_get_in(
+    world: SSHWorld,
+) -> None:
+    world.state.gate = Gate(total=4, per_source=2)
+    async with connect(world, "alice") as inside:  # in before the flood
+        held = [await _hold(world, "127.0.0.2"), await _hold(world, "127.0.0.2")]
+        assert [await _admitted(r) for r, _ in held] == [True, True]
+        # A third from the same address is closed at once.
+        reader, _ = await _hold(world, "127.0.0.2")
+        assert not await _admitted(reader)
+        # Another address still gets in, and someone already in is served.
+        async with connect(world, "bob", local_addr=("127.0.0.3", 0)) as other:
+            assert (await other.run("help")).exit_status == 0
+        held += [await _hold(world, "127.0.0.4"), await _hold(world, "127.0.0.4")]
+        assert [await _admitted(r) for r, _ in held[2:]] == [True, True]
+        # The total cap: a fifth address is refused now, whoever it is.
+        reader, _ = await _hold(world, "127.0.0.5")
+        assert not await _admitted(reader)
+        assert (await inside.run("help")).exit_status == 0
+        for _, writer in held:
+            writer.close()
+        deadline = asyncio.get_running_loop().time() + 5
+        while world.state.gate.unauthenticated:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        reader, _ = await _hold(world, "127.0.0.5")  # freed: admitted again
+        assert await _admitted(reader)
+
+
+def test_the_gate_counts_only_until_authentication() -> None:
+    gate = Gate(total=3, per_source=2)
+    assert gate.admit("a") and gate.admit("a") and not gate.admit("a")
+    assert gate.admit("b") and not gate.admit("c")  # total reached
+    gate.leave("a")  # authenticated
+    assert gate.admit("c") and gate.unauthenticated == 3
