@@ -243,6 +243,43 @@ def fetch_remote(repo: Path, url: str, commit: str, env: Mapping[str, str]) -> b
     return True
 
 
+def remote_tip(repo: Path, url: str, branch: str, env: Mapping[str, str]) -> str | None:
+    """The commit `branch` names at the configured `url` now (None: no such branch)."""
+    ref = f"refs/heads/{names.branch_name(branch)}"
+    try:
+        out = _git(repo, "ls-remote", "--quiet", url, ref, env=env, timeout=FETCH_TIMEOUT)
+    except GitError as exc:
+        raise GitError(
+            f"could not read {ref} at the deployment's fetch_url: {exc.message.split(': ', 1)[-1]}"
+        ) from exc
+    for line in out.splitlines():
+        sha, _, name = line.partition("\t")
+        if name == ref:
+            return names.commit_sha(sha)
+    return None
+
+
+def has(repo: Path, commit: str) -> bool:
+    """Whether `repo` holds `commit`."""
+    return resolve(repo, names.commit_sha(commit)) is not None
+
+
+def is_ancestor(repo: Path, older: str, newer: str) -> bool:
+    """Whether `older` is `newer` or in its history (both must be in `repo`)."""
+    names.commit_sha(older)
+    names.commit_sha(newer)
+    proc = subprocess.run(
+        ["git", "-C", str(repo), "merge-base", "--is-ancestor", older, newer],
+        capture_output=True,
+        check=False,
+        env={**_minimal_env(), **_ENV_SAFE},
+        timeout=120,
+    )
+    if proc.returncode not in (0, 1):
+        raise GitError(f"git merge-base failed in {repo}: {proc.stderr.decode().strip()}")
+    return proc.returncode == 0
+
+
 def update_ref(repo: Path, ref: str, commit: str) -> None:
     """Point `ref` at `commit`."""
     names.commit_sha(commit)

@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.adapters import repos
+from daemon.adapters import git, repos
 from daemon.adapters.records import Records
 from daemon.config import Settings
 from daemon.core import deploys
@@ -215,6 +215,8 @@ class Webhooks:
         # Deciding is pure and cheap, so it runs before the insert; on a
         # redelivery its result is dropped for what the first arrival recorded.
         decision = self._decide(event, body, settings)
+        if decision.requests:
+            decision = await asyncio.to_thread(self._forward_only, decision)
         new, status, answer, ids = self.records.record_delivery(
             hook_id,
             delivery,
@@ -245,6 +247,26 @@ class Webhooks:
         except (UnicodeDecodeError, ValueError, RecursionError):
             return Decision(400, {"error": "the body is not valid JSON."})
         return decide(event, payload, settings)
+
+    def _forward_only(self, decision: Decision) -> Decision:
+        """Drop the deploys whose commit a deployment already runs or has moved past.
+
+        A signed delivery can be replayed by anyone who saw it (GitHub's delivery
+        log, a proxy's): re-sent, an old push must not roll the deployment back.
+        Commits not known here yet are checked against fetch_url's tip when fetched.
+        """
+        kept, reasons = [], []
+        for req in decision.requests:
+            why = behind(self.records, req)
+            if why:
+                reasons.append(why)
+            else:
+                kept.append(req)
+        if not reasons:
+            return decision
+        if not kept:
+            return _ignored(" ".join(reasons))
+        return Decision(decision.status, decision.answer, kept)
 
     def _redelivery(self, status: int, answer: dict[str, Any], ids: list[int]) -> web.Response:
         shown = []
@@ -316,6 +338,28 @@ class Webhooks:
             log.warning("webhook deploy #%s: %s", deploy_id, exc.message)
         except Exception:
             log.exception("webhook deploy #%s failed with an internal error", deploy_id)
+
+
+def behind(records: Records, request: DeployRequest) -> str:
+    """Why `request`'s commit would move its deployment backwards, or ''."""
+    dep = request.deployment
+    last = records.last_succeeded(dep.name)
+    if last is None or not last.commit:
+        return ""
+    sha = request.commit
+    if sha == last.commit:
+        return f"{dep.name} runs {sha[:12]} already (deploy #{last.id}); nothing to deploy."
+    repo = request.repo
+    if (
+        git.has(repo, sha)
+        and git.has(repo, last.commit)
+        and git.is_ancestor(repo, sha, last.commit)
+    ):
+        return (
+            f"{sha[:12]} is older than what {dep.name} runs ({last.commit[:12]}, deploy "
+            f"#{last.id}): a webhook deploy only moves forward (to go back: deployd rollback)."
+        )
+    return ""
 
 
 async def _read(request: web.Request, signature: Signature) -> bytearray | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from daemon.adapters import git
 from daemon.core.context import DeployContext
-from daemon.errors import CheckError, GitError
+from daemon.errors import Cancelled, CheckError, GitError
 
 # Files deployd itself reads or writes in the checkout: never through a link.
 OWN_FILES = (
@@ -49,22 +49,45 @@ def refuse_escaping_links(root: Path) -> None:
         raise CheckError(".deployd.Dockerfile is deployd's own file name; rename that file.")
 
 
+async def fetch(ctx: DeployContext) -> str:
+    """Fetch a webhook deploy's commit from fetch_url, if it is the branch's tip there."""
+    req, dep = ctx.request, ctx.deployment
+    if not dep.fetch_url:
+        raise GitError(f"deployment {dep.name} has no fetch_url to fetch the commit from.")
+    known_hosts = ctx.services.settings.server.state_dir / "known_hosts"
+    await asyncio.to_thread(git.seed_known_hosts, known_hosts)
+    env = git.fetch_env(key_file=dep.fetch_key_file, token=dep.fetch_token, known_hosts=known_hosts)
+    t0 = time.monotonic()
+    tip = await asyncio.to_thread(git.remote_tip, req.repo, dep.fetch_url, dep.branch, env)
+    if tip != req.commit:
+        # A delivery names a commit; only what the branch names at fetch_url now is
+        # deployed, so a replayed (or late) delivery cannot bring back an older one.
+        now = f"is at {tip[:12]}" if tip else "does not exist"
+        raise Cancelled(
+            f"not deployed: {dep.branch} at fetch_url {now}, not {req.commit[:12]}; "
+            "a webhook deploys only the branch's tip (a newer delivery deploys it)."
+        )
+    fetched = await asyncio.to_thread(git.fetch_remote, req.repo, dep.fetch_url, req.commit, env)
+    deployed = ctx.previous.commit if ctx.previous else None
+    if (
+        ctx.previous is not None
+        and deployed
+        and git.has(req.repo, deployed)
+        and not await asyncio.to_thread(git.is_ancestor, req.repo, deployed, req.commit)
+    ):
+        # Allowed: the tip was just read from fetch_url, which a replay cannot change.
+        ctx.say(
+            f"       note: {req.commit[:12]} does not descend from {deployed[:12]} (deploy "
+            f"#{ctx.previous.id}): {dep.branch} was force-pushed at fetch_url; deploying its tip",
+            "checkout",
+        )
+    return f", fetched in {time.monotonic() - t0:.2f} s" if fetched else ""
+
+
 async def run(ctx: DeployContext) -> str:
     """Write the commit's tree into ctx.source."""
     req = ctx.request
-    fetched = ""
-    if req.fetch:
-        dep = ctx.deployment
-        if not dep.fetch_url:
-            raise GitError(f"deployment {dep.name} has no fetch_url to fetch the commit from.")
-        known_hosts = ctx.services.settings.server.state_dir / "known_hosts"
-        await asyncio.to_thread(git.seed_known_hosts, known_hosts)
-        env = git.fetch_env(
-            key_file=dep.fetch_key_file, token=dep.fetch_token, known_hosts=known_hosts
-        )
-        t0 = time.monotonic()
-        if await asyncio.to_thread(git.fetch_remote, req.repo, dep.fetch_url, req.commit, env):
-            fetched = f", fetched in {time.monotonic() - t0:.2f} s"
+    fetched = await fetch(ctx) if req.fetch else ""
     await asyncio.to_thread(git.export, req.repo, req.commit, ctx.source, req.object_env)
     # The check containers run as the image's user (Astro's is `astro`, not root) and
     # read the project through a bind mount of this folder: it is theirs to read, while

@@ -12,6 +12,7 @@ import hmac
 import http.client
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -396,15 +397,80 @@ def test_the_same_delivery_twice_at_once_deploys_once(hooked: Hooked) -> None:
     assert wait_state(hooked.srv, ids.pop())["state"] == "succeeded"
 
 
-def test_a_commit_that_cannot_be_fetched_fails_with_the_reason(hooked: Hooked) -> None:
+def test_a_commit_that_is_not_the_branch_tip_at_fetch_url_is_not_deployed(
+    hooked: Hooked,
+) -> None:
     missing = "b" * 40
+    tip = git(hooked.source, "rev-parse", "HEAD")
     status, answer = hooked.push(missing)
-    assert status == 202
+    assert status == 202  # not known here: checked against fetch_url when fetched
     rec = wait_state(hooked.srv, answer["deploys"][0]["id"])
-    assert rec["state"] == "failed" and rec["step"] == "checkout"
-    assert f"could not fetch commit {missing[:12]}" in rec["error"]
-    calls = hooked.github.wait_for(missing, "failure")
-    assert calls[-1].body["description"] == f"failed: at the checkout step; see deploy #{rec['id']}"
+    assert rec["state"] == "cancelled" and rec["step"] == "checkout", rec
+    assert f"main at fetch_url is at {tip[:12]}, not {missing[:12]}" in rec["error"]
+    calls = hooked.github.wait_for(missing, "error")
+    assert (
+        calls[-1].body["description"] == f"cancelled: at the checkout step; see deploy #{rec['id']}"
+    )
+    server_repo = hooked.srv.state_dir / "repos" / "prod.git"
+    assert git(server_repo, "for-each-ref", "refs/heads") == ""  # nothing deployed, no branch
+
+
+def test_a_fetch_url_that_cannot_be_read_fails_with_the_reason(
+    tmp_path: Path, testenv: Infra, github: FakeGitHub
+) -> None:
+    h = start_hooked(tmp_path, testenv, github)
+    try:
+        commit = git(h.source, "rev-parse", "HEAD")
+        shutil.rmtree(h.source)
+        status, answer = h.push(commit)
+        assert status == 202
+        rec = wait_state(h.srv, answer["deploys"][0]["id"])
+        assert rec["state"] == "failed" and rec["step"] == "checkout", rec
+        assert "could not read refs/heads/main at the deployment's fetch_url" in rec["error"]
+        calls = github.wait_for(commit, "failure")
+        assert calls[-1].body["description"] == (
+            f"failed: at the checkout step; see deploy #{rec['id']}"
+        )
+    finally:
+        h.srv.stop()
+
+
+def test_a_replayed_delivery_never_moves_a_deployment_back(hooked: Hooked) -> None:
+    srv, source = hooked.srv, hooked.source
+    server_repo = srv.state_dir / "repos" / "prod.git"
+    c1 = git(source, "rev-parse", "HEAD")
+    status, answer = hooked.push(c1)
+    assert wait_state(srv, answer["deploys"][0]["id"])["state"] == "succeeded"
+    (source / "dags" / "second.py").write_text(GOOD_DAG.format(dag_id="second"))
+    c2 = commit_all(source, "A second DAG")
+    status, answer = hooked.push(c2)
+    d2 = wait_state(srv, answer["deploys"][0]["id"])
+    assert d2["state"] == "succeeded"
+    before, delivered = len(rows(srv)), len(rows(srv, "deliveries"))
+    # c1's exact body and signature again, under a new delivery id: recorded, not deployed.
+    status, answer = hooked.push(c1, delivery=str(uuid.uuid4()))
+    assert (status, answer["deployed"]) == (200, False), answer
+    assert (
+        f"{c1[:12]} is older than what prod runs ({c2[:12]}, deploy #{d2['id']})"
+        in (answer["reason"])
+    )
+    status, answer = hooked.push(c2, delivery=str(uuid.uuid4()))
+    assert (status, answer["deployed"]) == (200, False), answer
+    assert f"prod runs {c2[:12]} already" in answer["reason"]
+    assert len(rows(srv)) == before  # no deploy was created
+    assert len(rows(srv, "deliveries")) == delivered + 2  # every delivery recorded
+    assert git(server_repo, "rev-parse", "refs/heads/main") == c2
+    # A force-push on GitHub: the new tip does not descend from what runs. It is the
+    # tip at fetch_url (read when fetched, which a replay cannot change): deployed.
+    git(source, "reset", "-q", "--hard", c1)
+    (source / "dags" / "rewritten.py").write_text(GOOD_DAG.format(dag_id="rewritten"))
+    c3 = commit_all(source, "History rewritten")
+    status, answer = hooked.push(c3)
+    rec = wait_state(srv, answer["deploys"][0]["id"])
+    assert rec["state"] == "succeeded", rec
+    log = "\n".join(r["line"] for r in rows(srv, "log") if r["deploy_id"] == rec["id"])
+    assert "was force-pushed at fetch_url; deploying its tip" in log
+    assert git(server_repo, "rev-parse", "refs/heads/main") == c3
 
 
 def test_waiting_webhook_deploys_coalesce_but_ssh_pushes_do_not(
@@ -529,11 +595,11 @@ def test_accepted_deliveries_survive_a_restart(
     (h.source / "dags" / "slow.py").write_text(SLOW_DAG.replace("(4)", "(60)"))
     commit_all(h.source, "A very slow DAG")
     slow = git(h.source, "rev-parse", "HEAD")
-    (h.source / "dags" / "slow.py").unlink()
-    commit_all(h.source, "Not slow any more")
-    fixed = git(h.source, "rev-parse", "HEAD")
     slow_id = h.push(slow)[1]["deploys"][0]["id"]
     wait_state(srv, slow_id, ("running",))
+    (h.source / "dags" / "slow.py").unlink()
+    commit_all(h.source, "Not slow any more")  # pushed to GitHub while the slow one runs
+    fixed = git(h.source, "rev-parse", "HEAD")
     fixed_id = h.push(fixed)[1]["deploys"][0]["id"]
     srv.signal(signal.SIGTERM)
     assert srv.stop() == 0
