@@ -23,10 +23,11 @@ class ServerSettings:
     shutdown_grace_seconds: int = 600
     # The largest pack a push may send; git refuses more before storing it.
     max_push_mb: int = 500
-    # Connections still authenticating, in all and from one address (OpenSSH's
-    # MaxStartups / PerSourceMaxStartups); authenticated ones never count.
+    # Connections still authenticating, in all, and stalled ones (silent for 2 s) from
+    # one address (OpenSSH's MaxStartups / PerSourceMaxStartups); authenticated
+    # connections never count.
     ssh_max_unauthenticated: int = 100
-    ssh_max_unauthenticated_per_source: int = 10
+    ssh_max_unauthenticated_per_source: int = 32
 
 
 @dataclass(frozen=True)

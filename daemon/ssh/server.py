@@ -110,17 +110,15 @@ class _Server(asyncssh.SSHServer):
     def __init__(self, state: SSHState) -> None:
         self.state = state
         self.conn: asyncssh.SSHServerConnection | None = None
-        self.counted = ""  # the source this connection is counted against, until it is in
+        self.ticket: int | None = None  # counted by the gate until it is in
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         peer = conn.get_extra_info("peername")
-        source = str(peer[0]) if peer else "?"
-        if not self.state.gate.admit(source):
-            # Closed before our banner; aborting here would race asyncssh's own send.
+        self.ticket = self.state.gate.admit(str(peer[0]) if peer else "?")
+        if self.ticket is None:
+            # Closed at once (after asyncssh's banner, which it sends when this returns).
             asyncio.get_running_loop().call_soon(conn.abort)
-            return
-        self.counted = source
 
     def auth_completed(self) -> None:
         self._uncount()
@@ -129,9 +127,9 @@ class _Server(asyncssh.SSHServer):
         self._uncount()
 
     def _uncount(self) -> None:
-        if self.counted:
-            self.state.gate.leave(self.counted)
-            self.counted = ""
+        if self.ticket is not None:
+            self.state.gate.leave(self.ticket)
+            self.ticket = None
 
     def begin_auth(self, username: str) -> bool:
         return True

@@ -86,7 +86,7 @@ def test_add_of_a_url_on_the_build_hosts_loopback(
     context.mkdir()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/latest/meta-data/token"
     (context / "Dockerfile").write_text(
-        f"FROM {testenv.busybox_image}\n# a comment\nADD --chmod=644 \\\n    {url} /token\n"
+        f"FROM {testenv.busybox_image}\n# a comment\nADD --chown=0:0 \\\n    {url} /token\n"
     )
     images = Images(
         DockerSettings(testenv.docker_host, allow_remote_add=allowed), RegistrySettings()

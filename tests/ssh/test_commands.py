@@ -350,7 +350,7 @@ async def _admitted(reader: asyncio.StreamReader) -> bool:
 async def test_unauthenticated_connections_are_capped_and_users_still_get_in(
     world: SSHWorld,
 ) -> None:
-    world.state.gate = Gate(total=4, per_source=2)
+    world.state.gate = Gate(total=4, per_source=2, stall_seconds=0)  # stalled at once
     async with connect(world, "alice") as inside:  # in before the flood
         held = [await _hold(world, "127.0.0.2"), await _hold(world, "127.0.0.2")]
         assert [await _admitted(r) for r, _ in held] == [True, True]
@@ -377,8 +377,17 @@ async def test_unauthenticated_connections_are_capped_and_users_still_get_in(
 
 
 def test_the_gate_counts_only_until_authentication() -> None:
-    gate = Gate(total=3, per_source=2)
-    assert gate.admit("a") and gate.admit("a") and not gate.admit("a")
-    assert gate.admit("b") and not gate.admit("c")  # total reached
-    gate.leave("a")  # authenticated
+    gate = Gate(total=3, per_source=2, stall_seconds=0)
+    a1, a2 = gate.admit("a"), gate.admit("a")
+    assert a1 and a2 and gate.admit("a") is None
+    assert gate.admit("b") and gate.admit("c") is None  # total reached
+    gate.leave(a1)  # authenticated
     assert gate.admit("c") and gate.unauthenticated == 3
+
+
+def test_per_source_only_stalled_connections_count() -> None:
+    gate = Gate(total=100, per_source=2)  # stalled after 2 s
+    burst = [gate.admit("10.0.0.9") for _ in range(50)]  # fetchers behind one NAT
+    assert all(burst)
+    stalled = Gate(total=100, per_source=2, stall_seconds=0)
+    assert stalled.admit("x") and stalled.admit("x") and stalled.admit("x") is None
