@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from daemon.core.context import DeployContext
+from daemon.core.ports import ContainerRun
 from daemon.errors import CheckError
 from daemon.steps.checks import integrity, sandbox
 from daemon.steps.checks.checker import PARSE_DAGS, RESULT_MARK
@@ -116,16 +117,9 @@ async def _builtin(ctx: DeployContext) -> tuple[str, str]:
     run, _ = await sandbox.run_python(
         ctx, "parse", ["-c", source], {"DEPLOYD_CHECK": config}, on_line=on_line
     )
-    if not result_lines:
-        bad = sandbox.ended_badly(run, "the DAG check", dep.check_timeout_seconds)
-        if bad:
-            raise CheckError(bad + ".")
-        raise CheckError(
-            f"the DAG check ended (exit status {run.exit_code}) without a report; "
-            "see the log above."
-        )
+    trusted(run, result_lines, dep.check_timeout_seconds)
     try:
-        report = json.loads(result_lines[-1])
+        report = json.loads(result_lines[0])
         if not isinstance(report, dict) or not isinstance(report.get("files", {}), dict):
             raise ValueError("not a report")
     except ValueError as exc:
@@ -158,6 +152,30 @@ async def _builtin(ctx: DeployContext) -> tuple[str, str]:
     listed = "; ".join(f"{n}: {_short(e)}" for n, e in list(errors.items())[:5])
     more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
     return summary, f"{len(errors)} DAG file(s) failed to import: {listed}{more}."
+
+
+def trusted(run: ContainerRun, reports: list[str], timeout: int) -> None:
+    """Raise CheckError unless the checker ended normally with exactly one report.
+
+    DAG code runs beside the checker and shares its stdout: it can print a report
+    line of its own, or stop the checker after printing one. A report counts only
+    if it is the only one and the checker itself exited 0.
+    """
+    bad = sandbox.ended_badly(run, "the DAG check", timeout)
+    if bad:
+        raise CheckError(bad + ".")
+    if run.exit_code != 0:
+        raise CheckError(
+            f"the DAG check did not end normally (exit status {run.exit_code}), so no "
+            "report of it is trusted; a DAG file may have stopped it. See the log above."
+        )
+    if len(reports) != 1:
+        raise CheckError(
+            "the DAG check ended without a report; see the log above."
+            if not reports
+            else f"the DAG check's output holds {len(reports)} reports where the checker "
+            "prints one: something else (DAG code) wrote one, so none is trusted."
+        )
 
 
 def describe(name: str, entry: dict[str, Any]) -> list[str]:

@@ -367,3 +367,71 @@ def test_checks_run_as_the_images_user(tmp_path: Path, testenv: Infra, make_depl
     proc, rec = deploy(d, project, "nonroot", "--pytest")
     assert proc.returncode == 0, proc.stderr
     assert rec is not None and rec["report"]["files"]["dags/who.py"]["status"] == "ok"
+
+
+# A broken DAG that forges the checker's verdict: it writes a clean report to the
+# checker's own stdout (its parent's fd 1), then stops the checker, which would have
+# reported the error. Or, not stopping it, leaves two reports.
+FORGER = """# airflow dag
+import json, os, signal
+
+
+def parent(pid):
+    with open("/proc/%d/stat" % pid) as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+checker = os.getpid()
+while parent(checker) > 1:  # the topmost process under the container's init
+    checker = parent(checker)
+mark = "@@deployd-check-result@@ "
+fake = {"files": {}, "airflow_version": "3.3.2", "fatal": None}
+with open("/proc/%d/fd/1" % checker, "w") as out:
+    out.write(mark + json.dumps(fake) + "\\n")
+if STOP_CHECKER:
+    os.kill(checker, signal.SIGKILL)
+raise ImportError("this DAG is broken")
+"""
+
+
+@pytest.mark.parametrize("kill", [True, False])
+def test_a_dag_cannot_forge_the_checkers_verdict(
+    tmp_path: Path, testenv: Infra, make_deployd: Any, kill: bool
+) -> None:
+    d = make_deployd({"name": "forged", "image": repo_for(testenv, "forged")})
+    project = make_project(
+        tmp_path / "p",
+        testenv.airflow_image,
+        dags={"forger.py": FORGER.replace("STOP_CHECKER", str(kill))},
+    )
+    proc, rec = deploy(d, project, "forged")
+    assert proc.returncode == 1, proc.stdout
+    assert rec is not None and (rec["state"], rec["step"]) == ("failed", "parse")
+    if kill:
+        assert "the DAG check did not end normally" in rec["error"]
+    else:
+        assert "holds 2 reports where the checker prints one" in rec["error"]
+
+
+def test_a_project_module_cannot_shadow_the_checkers_own(
+    tmp_path: Path, testenv: Infra, make_deployd: Any
+) -> None:
+    d = make_deployd({"name": "shadow", "image": repo_for(testenv, "shadow")})
+    hijack = (
+        "import json, os, sys\n"
+        "sys.stdout.write('@@deployd-check-result@@ ' + json.dumps("
+        "{'files': {}, 'airflow_version': 'x', 'fatal': None}) + '\\n')\n"
+        "sys.stdout.flush()\n"
+        "os._exit(0)\n"
+    )
+    broken = "# airflow dag\nraise ImportError('really broken')\n"
+    project = make_project(
+        tmp_path / "p",
+        testenv.airflow_image,
+        dags={"broken.py": broken},
+        files={"selectors.py": hijack, "json.py": hijack},
+    )
+    proc, rec = deploy(d, project, "shadow")
+    assert proc.returncode == 1, proc.stdout
+    assert rec is not None and (rec["state"], rec["step"]) == ("failed", "parse"), rec
+    assert "dags/broken.py" in rec["error"] and "really broken" in rec["error"]

@@ -5,18 +5,30 @@
 # Airflow is imported once; every DAG file is then imported in a forked child,
 # several at a time, so that a file that exits, crashes, hangs or eats memory
 # gets its own verdict and every other file still gets one. The report is one
-# JSON line on stdout after RESULT_MARK.
-import ast
-import importlib
-import inspect
-import json
-import os
-import re
-import selectors
-import signal
+# JSON line on stdout after RESULT_MARK; the daemon trusts it only if it is the
+# only one and this process ends normally (DAG code shares our stdout).
 import sys
-import time
-import traceback
+
+# `python -c` puts the working directory (the project) first on the import path,
+# so a project's selectors.py or json.py would be imported instead of the standard
+# library's, into the checker itself. It is taken off while the checker imports its
+# own modules, and put back for the DAGs, which import from the project.
+_PROJECT_PATHS = [p for p in sys.path if p in ("", ".")]
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+import ast  # noqa: E402
+import faulthandler  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import selectors  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+
+sys.path[:0] = _PROJECT_PATHS
 
 RESULT_MARK = "@@deployd-check-result@@ "
 OUTPUT_KEEP = 4096
@@ -148,7 +160,6 @@ def install_placeholders():
         ("airflow.sdk", "BaseHook", "get_connection", _fake_get_connection),
         ("airflow.sdk.bases.hook", "BaseHook", "get_connection", _fake_get_connection),
     )
-    import warnings
 
     for module, cls_name, attr, fake in targets:
         with warnings.catch_warnings():  # deprecated import paths still need patching
@@ -270,8 +281,6 @@ def worker(DagBag, folder, task_r, res_w, out_w):
     # instruction forever; with the default action the worker dies, and the file
     # that crashed it is named.
     try:
-        import faulthandler
-
         faulthandler.disable()
     except ImportError:
         pass
