@@ -178,8 +178,10 @@ class Webhooks:
         self.running: set[asyncio.Task[Any]] = set()
         self._large = asyncio.Semaphore(LARGE_READS)
 
-    async def handle(self, request: web.Request) -> web.Response:
-        """Answer one delivery."""
+    async def _verified_body(
+        self, request: web.Request, settings: Settings
+    ) -> bytearray | web.Response:
+        """The body if it is JSON, within MAX_BODY and signed; else the refusal to answer."""
         if request.content_length is not None and request.content_length > MAX_BODY:
             return _answer(413, error=f"the body is over {MAX_BODY // (1024 * 1024)} MiB.")
         if request.content_type != "application/json":
@@ -187,7 +189,6 @@ class Webhooks:
                 415,
                 error="only JSON deliveries: set the webhook's content type to application/json.",
             )
-        settings = self._settings()
         secrets = settings.github.webhook_secrets
         if not secrets:
             return _answer(403, error="webhooks are off: [github] webhook_secret_file is not set.")
@@ -200,8 +201,14 @@ class Webhooks:
             body = await _read(request, signature)
         if body is None:
             return _answer(413, error=f"the body is over {MAX_BODY // (1024 * 1024)} MiB.")
-        if not signature.matches():
-            return unsigned
+        return body if signature.matches() else unsigned
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Answer one delivery."""
+        settings = self._settings()
+        body = await self._verified_body(request, settings)
+        if isinstance(body, web.Response):
+            return body
         event = request.headers.get("X-GitHub-Event", "")
         delivery = request.headers.get("X-GitHub-Delivery", "")
         hook_id = request.headers.get("X-GitHub-Hook-ID", "0")
