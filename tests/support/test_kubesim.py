@@ -115,6 +115,7 @@ def test_api_errors_are_status_objects(sim: KubeSim, tmp_path: Path) -> None:
     assert "labels" not in call(sim, "GET", f"{DEPLOYS}/airflow-scheduler")[1]["metadata"]
 
 
+@pytest.mark.integration  # seconds of real kubectl against simulated timings
 def test_watch_replays_from_a_resource_version_and_410s_when_too_old(
     sim: KubeSim, tmp_path: Path
 ) -> None:
@@ -142,6 +143,7 @@ def test_watch_replays_from_a_resource_version_and_410s_when_too_old(
     assert gone["type"] == "ERROR" and gone["object"]["code"] == 410
 
 
+@pytest.mark.integration  # seconds of real kubectl against simulated timings
 def test_kubectl_rolls_and_undoes_a_statefulset(sim: KubeSim, tmp_path: Path) -> None:
     create(sim, tmp_path, worker("r/a:1", replicas=3))
     kubectl(sim, "rollout", "status", "statefulset/airflow-worker", "--timeout=30s")
