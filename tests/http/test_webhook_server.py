@@ -116,6 +116,19 @@ def request(
         conn.close()
 
 
+def branch(server_repo: Path, expected: str, timeout: float = 10) -> str:
+    """The server branch once it names `expected` (or what it names at the deadline).
+
+    A deploy is recorded `succeeded` the moment it is true; the branch follows.
+    """
+    deadline = time.monotonic() + timeout
+    while (now := git(server_repo, "rev-parse", "refs/heads/main")) != expected:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return now
+
+
 def rows(srv: Server, table: str = "deploys") -> list[dict[str, Any]]:
     conn = sqlite3.connect(srv.state_dir / "deployd.db")
     conn.row_factory = sqlite3.Row
@@ -215,7 +228,7 @@ def test_signed_push_deploys_and_reports_statuses(hooked: Hooked) -> None:
     assert [c.answered for c in hooked.github.calls][:2] == [502, 429]
     # The server repository's branch now names the deployed commit.
     server_repo = hooked.srv.state_dir / "repos" / "prod.git"
-    assert git(server_repo, "rev-parse", "refs/heads/main") == commit
+    assert branch(server_repo, commit) == commit
     # GitHub's "Redeliver" keeps the delivery id: the original deploy, nothing new.
     again, replay = hooked.push(commit, delivery=delivery)
     assert again == 200 and replay["redelivery"] is True
@@ -459,7 +472,7 @@ def test_a_replayed_delivery_never_moves_a_deployment_back(hooked: Hooked) -> No
     assert f"prod runs {c2[:12]} already" in answer["reason"]
     assert len(rows(srv)) == before  # no deploy was created
     assert len(rows(srv, "deliveries")) == delivered + 2  # every delivery recorded
-    assert git(server_repo, "rev-parse", "refs/heads/main") == c2
+    assert branch(server_repo, c2) == c2
     # A force-push on GitHub: the new tip does not descend from what runs. It is the
     # tip at fetch_url (read when fetched, which a replay cannot change): deployed.
     git(source, "reset", "-q", "--hard", c1)
@@ -470,7 +483,7 @@ def test_a_replayed_delivery_never_moves_a_deployment_back(hooked: Hooked) -> No
     assert rec["state"] == "succeeded", rec
     log = "\n".join(r["line"] for r in rows(srv, "log") if r["deploy_id"] == rec["id"])
     assert "was force-pushed at fetch_url; deploying its tip" in log
-    assert git(server_repo, "rev-parse", "refs/heads/main") == c3
+    assert branch(server_repo, c3) == c3
 
 
 def test_waiting_webhook_deploys_coalesce_but_ssh_pushes_do_not(
@@ -517,7 +530,7 @@ def test_waiting_webhook_deploys_coalesce_but_ssh_pushes_do_not(
     assert f"superseded by deploy #{ids[2]}" in finals[ids[1]]["error"]
     assert ssh["state"] != "superseded"
     server_repo = srv.state_dir / "repos" / "prod.git"
-    assert git(server_repo, "rev-parse", "refs/heads/main") == later[2]
+    assert branch(server_repo, later[2]) == later[2]
     superseded = hooked.github.wait_for(later[0], "error")
     assert superseded[-1].body["description"].startswith("superseded")
 
