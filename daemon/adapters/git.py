@@ -264,20 +264,31 @@ def has(repo: Path, commit: str) -> bool:
     return resolve(repo, names.commit_sha(commit)) is not None
 
 
-def is_ancestor(repo: Path, older: str, newer: str) -> bool:
-    """Whether `older` is `newer` or in its history (both must be in `repo`)."""
+def ancestry(repo: Path, older: str, newer: str) -> bool | None:
+    """Whether `older` is `newer` or in its history; None if `repo` lacks either commit."""
     names.commit_sha(older)
     names.commit_sha(newer)
-    proc = subprocess.run(
-        ["git", "-C", str(repo), "merge-base", "--is-ancestor", older, newer],
-        capture_output=True,
-        check=False,
-        env={**_minimal_env(), **_ENV_SAFE},
-        timeout=120,
-    )
-    if proc.returncode not in (0, 1):
-        raise GitError(f"git merge-base failed in {repo}: {proc.stderr.decode().strip()}")
-    return proc.returncode == 0
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(repo), "merge-base", "--is-ancestor", older, newer],
+            capture_output=True,
+            check=False,
+            env={**_minimal_env(), **_ENV_SAFE},
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GitError(f"git merge-base could not run: {exc}.") from exc
+    if proc.returncode in (0, 1):
+        return proc.returncode == 0
+    return None  # 128: a commit (or the repository) is not there
+
+
+def is_ancestor(repo: Path, older: str, newer: str) -> bool:
+    """Whether `older` is `newer` or in its history (both must be in `repo`)."""
+    known = ancestry(repo, older, newer)
+    if known is None:
+        raise GitError(f"{repo} does not hold both {older[:12]} and {newer[:12]}.")
+    return known
 
 
 def update_ref(repo: Path, ref: str, commit: str) -> None:

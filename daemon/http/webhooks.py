@@ -13,7 +13,6 @@ nothing in the payload names a path or a URL deployd uses.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -180,7 +179,7 @@ class Webhooks:
 
     async def _verified_body(
         self, request: web.Request, settings: Settings
-    ) -> bytearray | web.Response:
+    ) -> bytes | bytearray | web.Response:
         """The body if it is JSON, within MAX_BODY and signed; else the refusal to answer."""
         if request.content_length is not None and request.content_length > MAX_BODY:
             return _answer(413, error=f"the body is over {MAX_BODY // (1024 * 1024)} MiB.")
@@ -196,9 +195,13 @@ class Webhooks:
         unsigned = _answer(401, error="X-Hub-Signature-256 is missing or does not match the body.")
         if not signature.well_formed:
             return unsigned  # nothing read: an unsigned body costs no memory
-        large = request.content_length is None or request.content_length > LARGE_BODY
-        async with self._large if large else contextlib.nullcontext():
-            body = await _read(request, signature)
+        body: bytes | bytearray | None
+        if request.content_length is not None and request.content_length <= LARGE_BODY:
+            body = await request.read()  # small and announced: one read, then the HMAC
+            signature.update(body)
+        else:
+            async with self._large:
+                body = await _read(request, signature)
         if body is None:
             return _answer(413, error=f"the body is over {MAX_BODY // (1024 * 1024)} MiB.")
         return body if signature.matches() else unsigned
@@ -356,12 +359,7 @@ def behind(records: Records, request: DeployRequest) -> str:
     sha = request.commit
     if sha == last.commit:
         return f"{dep.name} runs {sha[:12]} already (deploy #{last.id}); nothing to deploy."
-    repo = request.repo
-    if (
-        git.has(repo, sha)
-        and git.has(repo, last.commit)
-        and git.is_ancestor(repo, sha, last.commit)
-    ):
+    if git.ancestry(request.repo, sha, last.commit):  # None: a commit not known here yet
         return (
             f"{sha[:12]} is older than what {dep.name} runs ({last.commit[:12]}, deploy "
             f"#{last.id}): a webhook deploy only moves forward (to go back: deployd rollback)."
