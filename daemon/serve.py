@@ -27,7 +27,7 @@ from daemon.adapters import repos
 from daemon.adapters.github import StatusReporter
 from daemon.adapters.images import Images
 from daemon.adapters.locks import DeploymentLock
-from daemon.adapters.records import Records, private
+from daemon.adapters.records import Records
 from daemon.core.context import Services
 from daemon.core.pipeline import HOLD_LOCK_SECONDS, Pipeline
 from daemon.core.policy import Lifecycle
@@ -55,8 +55,9 @@ class Daemon:
     def __init__(self, config_path: Path, settings: config_mod.Settings) -> None:
         self.config_path = config_path
         state_dir = settings.server.state_dir
-        private(state_dir)
-        self.records = Records(state_dir / "deployd.db")
+        self.records = Records(  # which makes state_dir private first
+            state_dir / "deployd.db"
+        )
         self.images = Images(settings.docker, settings.registry)
         self.services = Services(settings, self.records, self.images)
         self.pipeline = Pipeline(self.services)

@@ -259,11 +259,6 @@ def remote_tip(repo: Path, url: str, branch: str, env: Mapping[str, str]) -> str
     return None
 
 
-def has(repo: Path, commit: str) -> bool:
-    """Whether `repo` holds `commit`."""
-    return resolve(repo, names.commit_sha(commit)) is not None
-
-
 def ancestry(repo: Path, older: str, newer: str) -> bool | None:
     """Whether `older` is `newer` or in its history; None if `repo` lacks either commit."""
     names.commit_sha(older)
@@ -281,14 +276,6 @@ def ancestry(repo: Path, older: str, newer: str) -> bool | None:
     if proc.returncode in (0, 1):
         return proc.returncode == 0
     return None  # 128: a commit (or the repository) is not there
-
-
-def is_ancestor(repo: Path, older: str, newer: str) -> bool:
-    """Whether `older` is `newer` or in its history (both must be in `repo`)."""
-    known = ancestry(repo, older, newer)
-    if known is None:
-        raise GitError(f"{repo} does not hold both {older[:12]} and {newer[:12]}.")
-    return known
 
 
 def update_ref(repo: Path, ref: str, commit: str) -> None:

@@ -68,17 +68,18 @@ async def fetch(ctx: DeployContext) -> str:
             "a webhook deploys only the branch's tip (a newer delivery deploys it)."
         )
     fetched = await asyncio.to_thread(git.fetch_remote, req.repo, dep.fetch_url, req.commit, env)
-    deployed = ctx.previous.commit if ctx.previous else None
+    previous = ctx.previous
     if (
-        ctx.previous is not None
-        and deployed
-        and git.has(req.repo, deployed)
-        and not await asyncio.to_thread(git.is_ancestor, req.repo, deployed, req.commit)
+        previous is not None
+        and previous.commit
+        # False, not None: both commits are here and the new one does not descend.
+        and await asyncio.to_thread(git.ancestry, req.repo, previous.commit, req.commit) is False
     ):
         # Allowed: the tip was just read from fetch_url, which a replay cannot change.
         ctx.say(
-            f"       note: {req.commit[:12]} does not descend from {deployed[:12]} (deploy "
-            f"#{ctx.previous.id}): {dep.branch} was force-pushed at fetch_url; deploying its tip",
+            f"       note: {req.commit[:12]} does not descend from {previous.commit[:12]} "
+            f"(deploy #{previous.id}): {dep.branch} was force-pushed at fetch_url; "
+            "deploying its tip",
             "checkout",
         )
     return f", fetched in {time.monotonic() - t0:.2f} s" if fetched else ""
