@@ -35,6 +35,7 @@ install_packages() {
     [ -x /usr/sbin/sshd ] || missing+=(openssh-server)   # the benchmarks' baseline
     command -v git >/dev/null || missing+=(git)
     command -v kubectl >/dev/null || missing+=(kubernetes-client)   # tests hold the API simulator to kubectl
+    command -v prometheus >/dev/null || missing+=(prometheus)   # tests scrape /metrics with it; promtool checks the rules
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]}"
         apt-get update -qq

@@ -93,11 +93,39 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE deploys SET action = 'rollback' WHERE rollback_of IS NOT NULL")
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    # The outbox: one row per state change of a deploy (started, and each final
+    # state), written in the transaction that makes the change, by whichever
+    # process runs the deploy. Notifications are sent from it in order, and the
+    # metrics count from it. AUTOINCREMENT: an id is never reused after pruning.
+    db.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, deploy_id INTEGER NOT NULL "
+        "REFERENCES deploys(id), deployment TEXT NOT NULL, event TEXT NOT NULL, at REAL NOT NULL)"
+    )
+    # Per notification target: the last event it has dealt with (sent, or not
+    # for it), who delivers it now (a lease, so that `deployd serve` and a
+    # `deployd deploy` never both send), and the state of the current retry.
+    db.table("notify_targets").create(
+        {
+            "target": str,
+            "cursor": int,
+            "holder": str,
+            "held_until": float,
+            "attempts": int,
+            "next_at": float,
+            "last_error": str,
+        },
+        pk="target",
+        not_null={"cursor"},
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
+    _migration_5,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import sqlite_utils
 
 from daemon.adapters.migrations import MIGRATIONS
 from daemon.core import deploys
-from daemon.core.deploys import Deploy, LogLine, Options, StepRecord
+from daemon.core.deploys import Deploy, DeployEvent, LogLine, Options, StepRecord, TargetState
 
 
 def now() -> float:
@@ -217,21 +218,25 @@ class Records:
 
     def supersede_queued(self, deployment: str, trigger: str, newer: int) -> int:
         """Mark `superseded` the deploys of `deployment` by `trigger` queued before `newer`."""
-        with self._lock:
-            cur = self.db.execute(
-                "UPDATE deploys SET state = ?, error = ?, finished_at = ? "
-                "WHERE deployment = ? AND trigger = ? AND state = ? AND id < ?",
-                [
-                    deploys.SUPERSEDED,
-                    f"superseded by deploy #{newer}, a newer push waiting for its turn",
-                    now(),
-                    deployment,
-                    trigger,
-                    deploys.QUEUED,
-                    newer,
-                ],
-            )
-            return int(cur.rowcount)
+        with self._atomic():
+            ids = [
+                int(row[0])
+                for row in self.db.conn.execute(
+                    "UPDATE deploys SET state = ?, error = ?, finished_at = ? "
+                    "WHERE deployment = ? AND trigger = ? AND state = ? AND id < ? RETURNING id",
+                    [
+                        deploys.SUPERSEDED,
+                        f"superseded by deploy #{newer}, a newer push waiting for its turn",
+                        now(),
+                        deployment,
+                        trigger,
+                        deploys.QUEUED,
+                        newer,
+                    ],
+                ).fetchall()
+            ]
+            self._announce(sorted(ids), deploys.SUPERSEDED)
+            return len(ids)
 
     def state(self, deploy_id: int) -> str | None:
         """The state of one deploy (cheap: for polling)."""
@@ -257,12 +262,47 @@ class Records:
         if new in deploys.FINAL_STATES:
             values.setdefault("finished_at", now())
         cols = ", ".join(f"[{k}] = ?" for k in values)
-        with self._lock:
+        with self._atomic():
             cur = self.db.execute(
                 f"UPDATE deploys SET {cols} WHERE id = ? AND state = ?",  # noqa: S608
                 [*values.values(), deploy_id, current],
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._announce([deploy_id], new)
+            return True
+
+    @contextlib.contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """One transaction (a savepoint inside a caller's), holding the lock."""
+        with self._lock:
+            if self.db.conn.in_transaction:
+                self.db.execute("SAVEPOINT atomic")
+                try:
+                    yield
+                except BaseException:
+                    self.db.execute("ROLLBACK TO atomic")
+                    self.db.execute("RELEASE atomic")
+                    raise
+                self.db.execute("RELEASE atomic")
+                return
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _announce(self, deploy_ids: list[int], state: str) -> None:
+        """Add to the outbox that these deploys reached `state` (in the change's transaction)."""
+        event = deploys.event_of(state)
+        for deploy_id in deploy_ids:
+            self.db.execute(
+                "INSERT INTO events (deploy_id, deployment, event, at) "
+                "SELECT id, deployment, ?, ? FROM deploys WHERE id = ?",
+                [event, now(), deploy_id],
+            )
 
     def update(self, deploy_id: int, **fields: Any) -> None:
         """Set facts on a deploy (commit, image, tag, digest, current step)."""
@@ -446,4 +486,90 @@ class Records:
                 "SELECT id, ts, step, line FROM log WHERE deploy_id = ? AND id > ? ORDER BY id",
                 [deploy_id, after],
             )
+        ]
+
+    # -- the outbox: events, and where each notification target is in them ---
+
+    def last_event_id(self) -> int:
+        """The id of the newest event (0 when there is none)."""
+        row = self._one("SELECT MAX(id) FROM events")
+        return int(row[0] or 0) if row else 0
+
+    def events_after(self, cursor: int, limit: int = 100) -> list[DeployEvent]:
+        """Events with id > `cursor`, oldest first."""
+        return [
+            DeployEvent(r["id"], r["deploy_id"], r["deployment"], r["event"], r["at"])
+            for r in self._rows(
+                "SELECT id, deploy_id, deployment, event, at FROM events WHERE id > ? "
+                "ORDER BY id LIMIT ?",
+                [cursor, limit],
+            )
+        ]
+
+    def add_targets(self, names: list[str]) -> None:
+        """Start following the outbox for targets not seen before, from its current end.
+
+        A target added to the config later gets what happens from then on, not
+        the whole history.
+        """
+        with self._atomic():
+            for name in names:
+                self.db.execute(
+                    "INSERT INTO notify_targets (target, cursor, attempts) "
+                    "VALUES (?, (SELECT COALESCE(MAX(id), 0) FROM events), 0) "
+                    "ON CONFLICT DO NOTHING",
+                    [name],
+                )
+
+    def claim_target(self, name: str, holder: str, seconds: float) -> TargetState | None:
+        """Take (or renew) the lease to deliver `name` for `seconds`; None if another holds it."""
+        ts = now()
+        with self._atomic():
+            cur = self.db.execute(
+                "UPDATE notify_targets SET holder = ?, held_until = ? WHERE target = ? "
+                "AND (holder IS NULL OR holder = ? OR held_until < ?)",
+                [holder, ts + seconds, name, holder, ts],
+            )
+            if cur.rowcount != 1:
+                return None
+            row = self._rows("SELECT * FROM notify_targets WHERE target = ?", [name])[0]
+        return TargetState(
+            row["target"], row["cursor"], row["attempts"] or 0, row["next_at"], row["last_error"]
+        )
+
+    def target_done(self, name: str, holder: str, cursor: int) -> bool:
+        """Record that the target has dealt with every event up to `cursor`."""
+        with self._lock:
+            cur = self.db.execute(
+                "UPDATE notify_targets SET cursor = ?, attempts = 0, next_at = NULL, "
+                "last_error = NULL WHERE target = ? AND holder = ? AND cursor < ?",
+                [cursor, name, holder, cursor],
+            )
+            return cur.rowcount == 1
+
+    def target_failed(
+        self, name: str, holder: str, attempts: int, next_at: float, error: str
+    ) -> None:
+        """Record a failed attempt at the target's next event, and when to try again."""
+        with self._lock:
+            self.db.execute(
+                "UPDATE notify_targets SET attempts = ?, next_at = ?, last_error = ? "
+                "WHERE target = ? AND holder = ?",
+                [attempts, next_at, error[:500], name, holder],
+            )
+
+    def release_target(self, name: str, holder: str) -> None:
+        """Give up the lease (another process may deliver at once)."""
+        with self._lock:
+            self.db.execute(
+                "UPDATE notify_targets SET holder = NULL, held_until = NULL "
+                "WHERE target = ? AND holder = ?",
+                [name, holder],
+            )
+
+    def targets(self) -> list[TargetState]:
+        """Every target the outbox knows, with its retry state."""
+        return [
+            TargetState(r["target"], r["cursor"], r["attempts"] or 0, r["next_at"], r["last_error"])
+            for r in self._rows("SELECT * FROM notify_targets ORDER BY target")
         ]

@@ -16,12 +16,16 @@ from typing import Any
 from daemon import names
 from daemon.config import table as v
 from daemon.config.settings import (
+    DEFAULT_NOTIFY_EVENTS,
     DEFAULT_TAG_TEMPLATE,
+    NOTIFY_EVENTS,
+    NOTIFY_TYPES,
     Deployment,
     DockerSettings,
     GitHubSettings,
     Key,
     KubernetesSettings,
+    NotifyTarget,
     RegistrySettings,
     ServerSettings,
     Settings,
@@ -37,6 +41,7 @@ __all__ = [
     "GitHubSettings",
     "Key",
     "KubernetesSettings",
+    "NotifyTarget",
     "RegistrySettings",
     "ServerSettings",
     "Settings",
@@ -99,9 +104,23 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Settings:
         if key.name in key_names:
             raise ConfigError(f"key[{i}].name", f"duplicate key name {key.name!r}.")
         key_names.add(key.name)
+    notify = tuple(_notify(t, seen) for t in top.tables("notify"))
+    target_names: set[str] = set()
+    for i, target in enumerate(notify):
+        if target.name in target_names:
+            raise ConfigError(f"notify[{i}].name", f"duplicate notify name {target.name!r}.")
+        target_names.add(target.name)
     top.done()
     return Settings(
-        path, server, docker, registry, KubernetesSettings(kubeconfig), github, deployments, keys
+        path,
+        server,
+        docker,
+        registry,
+        KubernetesSettings(kubeconfig),
+        github,
+        deployments,
+        keys,
+        notify,
     )
 
 
@@ -118,6 +137,8 @@ def _server(t: Table) -> ServerSettings:
     per_source = t.get_int(
         "ssh_max_unauthenticated_per_source", d.ssh_max_unauthenticated_per_source
     )
+    metrics_listen = t.get_str("metrics_listen", d.metrics_listen, check=v.listen_or_empty)
+    metrics_token = t.secret("metrics_token_file")
     t.done()
     return ServerSettings(
         state_dir,
@@ -129,6 +150,8 @@ def _server(t: Table) -> ServerSettings:
         max_push_mb,
         unauthenticated,
         per_source,
+        metrics_listen,
+        metrics_token,
     )
 
 
@@ -217,3 +240,35 @@ def _key(t: Table, deployments: set[str]) -> Key:
     admin = t.get_bool("admin", False)
     t.done()
     return Key(name, public_key, tuple(allowed), admin)
+
+
+def _notify(t: Table, deployments: set[str]) -> NotifyTarget:
+    name = t.get_str("name", None, check=names.key_name)
+    kind = t.get_str("type", None, check=v.one_of(NOTIFY_TYPES))
+    url = t.secret("url_file")
+    if url is None:
+        raise ConfigError(f"{t.where}.url_file", "is required (a file holding the URL to post to).")
+    if not v.is_url(url):
+        # Never the URL itself in the message: it is the secret.
+        raise ConfigError(f"{t.where}.url_file", "the file does not hold one http(s) URL.")
+    secret = t.secret("secret_file")
+    if kind == "webhook" and secret is None:
+        raise ConfigError(
+            f"{t.where}.secret_file", 'is required for type = "webhook" (the HMAC key).'
+        )
+    if kind != "webhook" and secret is not None:
+        raise ConfigError(f"{t.where}.secret_file", f"only a webhook is signed, not {kind}.")
+    events = t.list_of_str("events", check=v.one_of(NOTIFY_EVENTS)) if "events" in t.data else None
+    wanted = t.list_of_str("deployments", check=names.deployment_name)
+    for dep in wanted:
+        if dep not in deployments:
+            raise ConfigError(f"{t.where}.deployments", f"no deployment named {dep!r}.")
+    t.done()
+    return NotifyTarget(
+        name,
+        kind,
+        url,
+        secret,
+        tuple(events) if events is not None else DEFAULT_NOTIFY_EVENTS,
+        tuple(wanted),
+    )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon import names
+from daemon.core import states
 from daemon.errors import UnknownDeployment
 
 DEFAULT_TAG_TEMPLATE = "deploy-{time}-{sha7}-{id}"
@@ -28,6 +29,9 @@ class ServerSettings:
     # connections never count.
     ssh_max_unauthenticated: int = 100
     ssh_max_unauthenticated_per_source: int = 32
+    # /metrics on its own HOST:PORT ('' = on http_listen), behind a bearer token if set.
+    metrics_listen: str = ""
+    metrics_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,29 @@ class Key:
     admin: bool = False
 
 
+NOTIFY_TYPES = ("slack", "msteams", "webhook")
+NOTIFY_EVENTS = states.EVENTS
+DEFAULT_NOTIFY_EVENTS = tuple(
+    e for e in states.EVENTS if e not in (states.STARTED, states.SUPERSEDED)
+)
+
+
+@dataclass(frozen=True)
+class NotifyTarget:
+    """[[notify]]: where deploy events are announced (Slack, Teams, a signed webhook)."""
+
+    name: str
+    type: str
+    url: str = field(repr=False)
+    secret: str | None = field(default=None, repr=False)
+    events: tuple[str, ...] = DEFAULT_NOTIFY_EVENTS
+    deployments: tuple[str, ...] = ()  # () = every deployment
+
+    def wants(self, deployment: str, event: str) -> bool:
+        """Whether this target is told that a deploy of `deployment` had `event`."""
+        return event in self.events and (not self.deployments or deployment in self.deployments)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The whole configuration, loaded once and passed down."""
@@ -125,6 +152,7 @@ class Settings:
     github: GitHubSettings
     deployments: tuple[Deployment, ...]
     keys: tuple[Key, ...]
+    notify: tuple[NotifyTarget, ...] = ()
 
     def deployment(self, name: str) -> Deployment:
         """Return the deployment called `name`, or raise UnknownDeployment."""

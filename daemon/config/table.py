@@ -158,6 +158,15 @@ def listen(value: str) -> None:
         raise ConfigError("", f"{value!r} is not HOST:PORT.")
 
 
+def listen_or_empty(value: str) -> None:
+    if value:
+        listen(value)
+
+
+def is_url(value: str) -> bool:
+    return bool(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", value))
+
+
 def url(value: str) -> None:
     if value and not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", value):
         raise ConfigError("", f"{value!r} is not an http(s) URL.")

@@ -20,6 +20,7 @@ from daemon.core.states import (
     QUEUED,
     ROLLED_BACK,
     RUNNING,
+    STARTED,
     SUCCEEDED,
     SUPERSEDED,
     TRANSITIONS,
@@ -133,6 +134,33 @@ class LogLine:
     ts: float
     step: str | None
     line: str
+
+
+def event_of(state: str) -> str:
+    """The outbox event for a deploy that has just reached `state` (states.EVENTS)."""
+    return STARTED if state == RUNNING else state
+
+
+@dataclass(frozen=True)
+class DeployEvent:
+    """One row of the outbox: a deploy reached a state (core/deploys.EVENTS)."""
+
+    id: int
+    deploy_id: int
+    deployment: str
+    event: str
+    at: float
+
+
+@dataclass(frozen=True)
+class TargetState:
+    """Where one notification target is in the outbox, and its current retry."""
+
+    target: str
+    cursor: int
+    attempts: int = 0
+    next_at: float | None = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -19,3 +19,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING, CANCELLED, SUPERSEDED, INTERRUPTED}),
     RUNNING: frozenset({SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED, INTERRUPTED}),
 }
+
+# What the outbox calls a deploy reaching a state: "started" for running, else the state.
+STARTED = "started"
+EVENTS = (STARTED, SUCCEEDED, FAILED, ROLLED_BACK, CANCELLED, SUPERSEDED, INTERRUPTED)
