@@ -270,3 +270,85 @@ def test_check_config_reads_deployd_config_env(tmp_path: Path) -> None:
 def test_missing_config_file_exit_2(tmp_path: Path) -> None:
     proc = _check_config("check-config", "--config", str(tmp_path / "nope.toml"))
     assert proc.returncode == 2 and "cannot read" in proc.stderr
+
+
+NOTIFY = """
+[[deployment]]
+name = "prod"
+image = "reg.io/a/prod"
+
+[[deployment]]
+name = "staging"
+image = "reg.io/a/staging"
+
+[[notify]]
+name = "team-slack"
+type = "slack"
+url_file = "slack-url"
+
+[[notify]]
+name = "audit"
+type = "webhook"
+url_file = "hook-url"
+secret_file = "hook-secret"
+events = ["started", "succeeded", "failed"]
+deployments = ["prod"]
+"""
+
+
+def test_notify_targets_read_their_url_and_secret_from_files(tmp_path: Path) -> None:
+    (tmp_path / "slack-url").write_text("https://hooks.slack.com/services/T0/B0/XYZ\n")
+    (tmp_path / "hook-url").write_text("http://127.0.0.1:9000/deploys\n")
+    (tmp_path / "hook-secret").write_text("hmac-key\n")
+    slack, audit = config.load(write(tmp_path, NOTIFY)).notify
+    assert (slack.name, slack.type, slack.secret, slack.deployments) == (
+        "team-slack",
+        "slack",
+        None,
+        (),
+    )
+    assert slack.url == "https://hooks.slack.com/services/T0/B0/XYZ"
+    assert slack.events == ("succeeded", "failed", "rolled_back", "cancelled", "interrupted")
+    assert slack.wants("staging", "failed") and not slack.wants("prod", "started")
+    assert audit.secret == "hmac-key" and audit.events == ("started", "succeeded", "failed")
+    assert audit.wants("prod", "started") and not audit.wants("staging", "started")
+    assert "XYZ" not in repr(slack) and "hmac-key" not in repr(audit)
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "problem"),
+    [
+        (('type = "slack"', 'type = "discord"'), "notify[0].type", "not one of slack"),
+        (('url_file = "slack-url"', 'url_file = "bad-url"'), "notify[0].url_file", "http(s) URL"),
+        (('secret_file = "hook-secret"\n', ""), "notify[1].secret_file", "required for type"),
+        (('events = ["started"', 'events = ["deployed"'), "notify[1].events[0]", "not one of"),
+        (('deployments = ["prod"]', 'deployments = ["qa"]'), "notify[1].deployments", "'qa'"),
+        (('name = "audit"', 'name = "team-slack"'), "notify[1].name", "duplicate notify name"),
+        (('name = "audit"', 'name = "audit"\ncolour = "red"'), "notify[1].colour", "unknown key"),
+    ],
+)
+def test_bad_notify_targets_are_refused_without_showing_the_url(
+    tmp_path: Path, change: tuple[str, str], key: str, problem: str
+) -> None:
+    (tmp_path / "slack-url").write_text("https://hooks.slack.com/services/T0/B0/XYZ\n")
+    (tmp_path / "bad-url").write_text("hooks.slack.com/services/SECRET-PART\n")
+    (tmp_path / "hook-url").write_text("http://127.0.0.1:9000/deploys\n")
+    (tmp_path / "hook-secret").write_text("hmac-key\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, NOTIFY.replace(*change)))
+    assert info.value.key == key
+    assert problem in str(info.value)
+    assert "SECRET-PART" not in str(info.value)
+
+
+def test_metrics_keys(tmp_path: Path) -> None:
+    (tmp_path / "metrics-token").write_text("scrape-me\n")
+    settings = config.load(
+        write(
+            tmp_path,
+            '[server]\nmetrics_listen = "127.0.0.1:9108"\nmetrics_token_file = "metrics-token"\n',
+        )
+    )
+    assert settings.server.metrics_listen == "127.0.0.1:9108"
+    assert settings.server.metrics_token == "scrape-me"
+    assert config.load(write(tmp_path, "")).server.metrics_listen == ""

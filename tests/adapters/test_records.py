@@ -10,7 +10,7 @@ import pytest
 from daemon.adapters.migrations import SCHEMA_VERSION
 from daemon.adapters.records import Records
 from daemon.core import deploys
-from daemon.core.deploys import Options, TransitionError
+from daemon.core.deploys import Options, TargetState, TransitionError
 
 
 @pytest.fixture
@@ -141,3 +141,77 @@ def test_one_records_object_is_safe_across_threads(tmp_path: Path) -> None:
             t.join()
     assert errors == []
     assert len(records.list_deploys("prod", limit=1000)) == 300
+
+
+def test_each_state_change_adds_one_outbox_event_in_its_transaction(records: Records) -> None:
+    first, second = new(records), new(records)
+    assert records.events_after(0) == []  # queued is no event
+    assert records.transition(first, deploys.QUEUED, deploys.RUNNING)
+    assert not records.transition(first, deploys.QUEUED, deploys.RUNNING)  # lost the race
+    assert records.transition(first, deploys.RUNNING, deploys.FAILED, error="boom")
+    assert records.transition(second, deploys.QUEUED, deploys.CANCELLED)
+    events = records.events_after(0)
+    assert [(e.deploy_id, e.deployment, e.event) for e in events] == [
+        (first, "prod", "started"),
+        (first, "prod", "failed"),
+        (second, "prod", "cancelled"),
+    ]
+    assert [e.id for e in events] == sorted(e.id for e in events)
+    assert records.last_event_id() == events[-1].id
+    assert records.events_after(events[0].id, limit=1) == [events[1]]
+
+
+def test_a_failed_change_leaves_no_event(records: Records) -> None:
+    did = new(records)
+    with pytest.raises(sqlite3.Error):
+        # A column that does not exist: the UPDATE fails, and nothing is announced.
+        records.transition(did, deploys.QUEUED, deploys.RUNNING, no_such_column=1)
+    assert records.events_after(0) == []
+    assert records.state(did) == deploys.QUEUED
+
+
+def test_superseded_deploys_are_announced_with_the_delivery_that_superseded_them(
+    records: Records,
+) -> None:
+    wanted = {
+        "deployment": "prod",
+        "trigger": "webhook",
+        "actor": "github",
+        "ref": "refs/heads/main",
+        "options": Options(),
+        "pid": 1,
+    }
+    _, _, _, [older] = records.record_delivery("h", "d1", "push", 202, {}, [wanted])
+    _, _, _, [newer] = records.record_delivery("h", "d2", "push", 202, {}, [wanted])
+    assert records.state(older) == deploys.SUPERSEDED
+    assert [(e.deploy_id, e.event) for e in records.events_after(0)] == [(older, "superseded")]
+    assert records.state(newer) == deploys.QUEUED
+
+
+def test_notification_targets_start_at_the_end_and_are_held_by_one_process(
+    records: Records,
+) -> None:
+    did = new(records)
+    records.transition(did, deploys.QUEUED, deploys.RUNNING)
+    records.add_targets(["slack"])
+    records.transition(did, deploys.RUNNING, deploys.SUCCEEDED)
+    records.add_targets(["slack", "late"])  # known targets keep their place
+    places = {t.target: t.cursor for t in records.targets()}
+    started, succeeded = (e.id for e in records.events_after(0))
+    assert places == {"late": succeeded, "slack": started}
+    held = records.claim_target("slack", "serve-1", 30)
+    assert held is not None and held.cursor == started
+    assert records.claim_target("slack", "cli-2", 30) is None
+    assert records.claim_target("slack", "serve-1", 30) is not None  # renewing
+    assert not records.target_done("slack", "cli-2", succeeded)  # not the holder
+    records.target_failed("slack", "serve-1", 1, 123.0, "HTTP 500")
+    assert records.targets()[1].attempts == 1
+    assert records.target_done("slack", "serve-1", succeeded)
+    assert not records.target_done("slack", "serve-1", started)  # never backwards
+    assert records.targets()[1] == TargetState("slack", succeeded)
+    records.release_target("slack", "serve-1")
+    assert records.claim_target("slack", "cli-2", 30) is not None
+    assert records.claim_target("slack", "serve-1", -1) is None
+    # An expired lease can be taken over.
+    records.claim_target("late", "cli-2", -1)
+    assert records.claim_target("late", "serve-1", 30) is not None
