@@ -255,14 +255,37 @@ def status(ctx: click.Context, config_path: str | None, deployment: str, as_json
 
 
 def _run_and_exit(services: Services, request: DeployRequest, what: str, as_json: bool) -> None:
-    """Run a deploy in the foreground; print its record; exit with its code."""
+    """Run a deploy in the foreground; print its record; notify; exit with its code."""
+    # Targets new to the records start at the outbox's end: before this deploy's events.
+    services.records.add_targets([t.name for t in services.settings.notify])
     try:
         outcome = asyncio.run(_until_signalled(Pipeline(services), request))
     except KeyboardInterrupt:
         click.echo(f"deployd: cancelled; the {what} is recorded as cancelled.", err=True)
+        _notify(services)
         sys.exit(1)
     _print_outcome(outcome.record, as_json)
+    _notify(services)
     sys.exit(outcome.exit_code)
+
+
+def _notify(services: Services) -> None:
+    """Send the pending notifications of targets no `deployd serve` holds (bounded)."""
+    if not services.settings.notify:
+        return
+    from daemon.notify import outbox  # aiohttp: only for the commands that notify
+
+    try:
+        left = asyncio.run(outbox.deliver_pending(services.settings, services.records))
+    except KeyboardInterrupt:
+        return  # they stay in the outbox
+    for target, count in sorted(left.items()):
+        if count:
+            click.echo(
+                f"deployd: {count} notification(s) to {target} not sent yet; they stay in "
+                "the outbox for `deployd serve` (or the next deploy).",
+                err=True,
+            )
 
 
 def _print_outcome(rec: Deploy, as_json: bool) -> None:

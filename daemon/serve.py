@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -35,7 +36,10 @@ from daemon.core.recovery import reconcile_roll, recover
 from daemon.errors import DeploydError
 from daemon.http import app as web_mod
 from daemon.http.api import Api
+from daemon.http.metrics import MetricsEndpoint, serve_alone
 from daemon.http.webhooks import Webhooks
+from daemon.metrics import Metrics
+from daemon.notify.outbox import Deliverer
 from daemon.ssh import server as sshd
 from daemon.ssh.hookline import HookServer
 from daemon.ssh.receive import Receiver
@@ -66,10 +70,26 @@ class Daemon:
         self.receiver = Receiver(self.ssh, self.pipeline)
         self.ssh.pipeline = self.pipeline
         self.hooks = HookServer(state_dir / "hook.sock", self.receiver)
-        self.webhooks = Webhooks(lambda: self.services.settings, self.records, self.pipeline)
+        # Its own connection to the records: scrapes never wait on the daemon's writes.
+        self.metrics = Metrics(
+            lambda: self.services.settings,
+            Records(state_dir / "deployd.db"),
+            lambda: self.ssh.authenticated,
+        )
+        self.webhooks = Webhooks(
+            lambda: self.services.settings,
+            self.records,
+            self.pipeline,
+            self.metrics.webhook_delivery,
+        )
         self.api = Api(lambda: self.services.settings, self.records, self.pipeline.live.get)
         self.statuses = StatusReporter(lambda: self.services.settings)
         self.pipeline.observers.append(self.statuses.observe)
+        self.deliverer = Deliverer(
+            lambda: self.services.settings, self.records, on_outcome=self.metrics.notification
+        )
+        # A deploy of this process started or ended: its event is in the outbox now.
+        self.pipeline.observers.append(lambda event, record: self.deliverer.wake())
         self.notifier = Notifier(dict(os.environ))
         self.stop_requested = asyncio.Event()
         self.refreshing: set[asyncio.Task[None]] = set()
@@ -82,6 +102,8 @@ class Daemon:
         """Serve until SIGTERM (or SIGINT)."""
         settings = self.settings
         state_dir = settings.server.state_dir
+        self.metrics.start()  # counts the recorded deploys in a thread meanwhile
+        self.deliverer.start()  # its targets follow the outbox from here on
         for name, gone in await asyncio.to_thread(self._recover_all):
             await reconcile_roll(self.services, name, gone)
         fingerprint = sshd.ensure_host_key(state_dir / "ssh_host_ed25519_key")
@@ -94,11 +116,17 @@ class Daemon:
         await self.hooks.start()
         host, port = _split(settings.server.ssh_listen)
         acceptor = await sshd.start(self.ssh, host, port, state_dir / "ssh_host_ed25519_key")
-        runner = web.AppRunner(web_mod.make_app(self.webhooks, self.api), access_log=None)
+        metrics = MetricsEndpoint(lambda: self.services.settings, self.metrics)
+        own_metrics = settings.server.metrics_listen
+        runner = web.AppRunner(
+            web_mod.make_app(self.webhooks, self.api, None if own_metrics else metrics),
+            access_log=None,
+        )
         await runner.setup()
         http_host, http_port = _split(settings.server.http_listen)
         site = web.TCPSite(runner, http_host, http_port)
         await site.start()
+        metrics_runner = await serve_alone(metrics, *_split(own_metrics)) if own_metrics else None
         log.info(
             "listening: ssh %s, http %s", settings.server.ssh_listen, settings.server.http_listen
         )
@@ -116,9 +144,12 @@ class Daemon:
             acceptor.close()
             self.pipeline.lifecycle = Lifecycle.DRAINING
             await self.drain(settings.server.shutdown_grace_seconds)
+            await self.deliverer.close(flush_seconds=5)  # the drained deploys' final events
             await self.hooks.close()
             await self.statuses.close(timeout=10)
             await runner.cleanup()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
             watchdog.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -158,18 +189,11 @@ class Daemon:
             return
         if settings.server != self.settings.server:
             log.warning("reload: [server] changes need a restart; they are ignored")
-            settings = config_mod.Settings(
-                settings.path,
-                self.settings.server,
-                settings.docker,
-                settings.registry,
-                settings.kubernetes,
-                settings.github,
-                settings.deployments,
-                settings.keys,
-            )
+            # (every other table is taken: [[notify]] too)
+            settings = dataclasses.replace(settings, server=self.settings.server)
         self.ssh.load_keys(settings)
         self.services.settings = settings
+        self.deliverer.reload()
         # The repositories' hooks and HEADs are refreshed off the event loop.
         task = asyncio.get_running_loop().create_task(self._refresh_repos(settings))
         self.refreshing.add(task)

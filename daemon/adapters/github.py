@@ -9,7 +9,6 @@ cannot be posted is logged; it never blocks or fails the deploy.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import aiohttp
 from daemon.config import Settings
 from daemon.core import deploys
 from daemon.core.deploys import Deploy
+from daemon.retry import retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,9 @@ def retry_after(status: int, headers: Any, now: float) -> float | None:
     """Seconds to wait before retrying an answer, or None if it must not be retried."""
     value = headers.get("Retry-After")
     if value is not None:
-        try:
-            return min(MAX_WAIT, max(0.0, float(value)))
-        except ValueError:
-            try:
-                parsed = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                return MAX_WAIT / 4  # unreadable: wait a while rather than hammer
-            return min(MAX_WAIT, max(0.0, parsed.timestamp() - now))
+        seconds = retry_after_seconds(value, now)
+        # Unreadable: wait a while rather than hammer.
+        return MAX_WAIT / 4 if seconds is None else min(MAX_WAIT, seconds)
     limited = headers.get("X-RateLimit-Remaining") == "0"
     if status in (403, 429) and limited:
         try:

@@ -74,6 +74,20 @@ class Records:
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
+    def read(self, sql: str, args: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """A read-only query of the records' own (for aggregates: daemon/metrics.py)."""
+        return self._rows(sql, args)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction: every read inside sees the records as of the first one."""
+        with self._lock:
+            self.db.conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self.db.conn.execute("COMMIT")
+
     def _one(self, sql: str, args: list[Any] | tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
         """Run a read and fetch its first row, holding the lock."""
         with self._lock:
@@ -520,6 +534,18 @@ class Records:
                     "ON CONFLICT DO NOTHING",
                     [name],
                 )
+
+    def forget_targets(self, keep: list[str]) -> None:
+        """Stop following the targets not in `keep` (the daemon's config after a reload).
+
+        One added back later starts afresh from the outbox's end, rather than
+        sending everything that happened while it was gone.
+        """
+        with self._lock:
+            self.db.execute(
+                f"DELETE FROM notify_targets WHERE target NOT IN ({', '.join('?' * len(keep))})",  # noqa: S608
+                keep,
+            )
 
     def claim_target(self, name: str, holder: str, seconds: float) -> TargetState | None:
         """Take (or renew) the lease to deliver `name` for `seconds`; None if another holds it."""

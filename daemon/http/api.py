@@ -11,7 +11,6 @@ in constant time; without a configured token the API is closed.
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 
@@ -23,6 +22,7 @@ from daemon.config import Settings
 from daemon.core import usecases
 from daemon.core.logs import DeployLog
 from daemon.errors import DeploydError
+from daemon.http.auth import bearer_ok
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -58,11 +58,7 @@ class Api:
             token = self._settings().server.api_token
             if token is None:
                 return _error(403, "the HTTP API is closed: set [server] api_token_file.")
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            # Headers arrive surrogate-escaped: any bytes compare, none crash.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode("utf-8", "surrogateescape"), token.encode()
-            ):
+            if not bearer_ok(request, token):
                 return _error(
                     401,
                     "a valid bearer token is required.",

@@ -1,10 +1,11 @@
-"""The aiohttp application: /healthz, the GitHub webhook and the read-only API."""
+"""The aiohttp application: /healthz, the GitHub webhook, the read-only API and /metrics."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from daemon.http.api import Api
+from daemon.http.metrics import MetricsEndpoint
 from daemon.http.webhooks import MAX_BODY, Webhooks
 
 
@@ -13,10 +14,14 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def make_app(webhooks: Webhooks, api: Api) -> web.Application:
-    """Build the HTTP application."""
+def make_app(
+    webhooks: Webhooks, api: Api, metrics: MetricsEndpoint | None = None
+) -> web.Application:
+    """Build the HTTP application (with /metrics unless it is served on its own)."""
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/webhooks/github", webhooks.handle)
     app.add_routes(api.routes())
+    if metrics is not None:
+        app.add_routes(metrics.routes())
     return app

@@ -169,11 +169,16 @@ class Webhooks:
     """The `/webhooks/github` handler and the deploys it started."""
 
     def __init__(
-        self, settings: Callable[[], Settings], records: Records, pipeline: Pipeline
+        self,
+        settings: Callable[[], Settings],
+        records: Records,
+        pipeline: Pipeline,
+        count: Callable[[str, str], None] = lambda _event, _outcome: None,
     ) -> None:
         self._settings = settings
         self.records = records
         self.pipeline = pipeline
+        self._count = count  # (X-GitHub-Event, outcome) of each answer: metrics
         self.running: set[asyncio.Task[Any]] = set()
         self._large = asyncio.Semaphore(LARGE_READS)
 
@@ -211,7 +216,7 @@ class Webhooks:
         settings = self._settings()
         body = await self._verified_body(request, settings)
         if isinstance(body, web.Response):
-            return body
+            return self._counted(request, body)
         event = request.headers.get("X-GitHub-Event", "")
         delivery = request.headers.get("X-GitHub-Delivery", "")
         hook_id = request.headers.get("X-GitHub-Hook-ID", "0")
@@ -221,7 +226,9 @@ class Webhooks:
             ("X-GitHub-Hook-ID", hook_id, _HOOK_ID),
         ):
             if pattern.fullmatch(value) is None:
-                return _answer(400, error=f"{header} is missing or malformed.")
+                return self._counted(
+                    request, _answer(400, error=f"{header} is missing or malformed.")
+                )
         # Deciding is pure and cheap, so it runs before the insert; on a
         # redelivery its result is dropped for what the first arrival recorded.
         decision = self._decide(event, body, settings)
@@ -236,7 +243,7 @@ class Webhooks:
             [queued_fields(r) for r in decision.requests],
         )
         if not new:
-            return self._redelivery(status, answer, ids)
+            return self._counted(request, self._redelivery(status, answer, ids), "duplicate")
         for req, deploy_id in zip(decision.requests, ids, strict=True):
             self.start(req, deploy_id)
         if ids:
@@ -249,7 +256,16 @@ class Webhooks:
                 "message": "queued " + ", ".join(f"deploy #{i}" for i in ids),
             }
             log.info("delivery %s: %s", delivery, answer["message"])
-        return web.json_response(answer, status=status)
+        return self._counted(request, web.json_response(answer, status=status))
+
+    def _counted(
+        self, request: web.Request, response: web.Response, outcome: str | None = None
+    ) -> web.Response:
+        """Count the answer (metrics' deployd_webhook_deliveries_total) and return it."""
+        self._count(
+            request.headers.get("X-GitHub-Event", ""), outcome or outcome_of(response.status)
+        )
+        return response
 
     def _decide(self, event: str, body: bytes | bytearray, settings: Settings) -> Decision:
         try:
@@ -379,6 +395,16 @@ async def _read(request: web.Request, signature: Signature) -> bytearray | None:
         signature.update(chunk)
         body += chunk
     return body
+
+
+def outcome_of(status: int) -> str:
+    """What an answer to a new delivery means: deployed (202: deploys queued), ignored
+    (other 2xx), unauthorized (401: unsigned or wrongly signed), rejected (other 4xx)."""
+    if status == 202:
+        return "deployed"
+    if 200 <= status < 300:
+        return "ignored"
+    return "unauthorized" if status == 401 else "rejected"
 
 
 def _answer(status: int, *, error: str) -> web.Response:

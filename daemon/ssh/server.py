@@ -79,6 +79,8 @@ class SSHState:
     keys: dict[str, Key] = field(default_factory=dict)
     # Runs rollbacks asked for over SSH (set by `deployd serve`).
     pipeline: Pipeline | None = None
+    # Authenticated connections open now (metrics: deployd_ssh_sessions).
+    authenticated: int = 0
     gate: Gate = field(init=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +113,7 @@ class _Server(asyncssh.SSHServer):
         self.state = state
         self.conn: asyncssh.SSHServerConnection | None = None
         self.ticket: int | None = None  # counted by the gate until it is in
+        self.signed_in = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -122,9 +125,14 @@ class _Server(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self._uncount()
+        self.signed_in = True
+        self.state.authenticated += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._uncount()
+        if self.signed_in:
+            self.signed_in = False
+            self.state.authenticated -= 1
 
     def _uncount(self) -> None:
         if self.ticket is not None:

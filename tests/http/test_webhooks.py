@@ -10,16 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from daemon import config, views
 from daemon.adapters import git
 from daemon.adapters.github import retry_after, status_for
 from daemon.adapters.records import Records
+from daemon.core.context import Services
 from daemon.core.deploys import Deploy, Options
+from daemon.core.pipeline import Pipeline
+from daemon.core.policy import Lifecycle
 from daemon.errors import GitError
 from daemon.http.api import Api
-from daemon.http.webhooks import decide, signature_ok
+from daemon.http.webhooks import Webhooks, decide, signature_ok
+from daemon.metrics import Metrics
+from tests.support.fakes import FakeEngine
 
 SHA = "a" * 40
 
@@ -476,3 +482,76 @@ def test_github_host_key_is_pinned_once(tmp_path: Path) -> None:
         check=False,
     )
     assert found.returncode == 0 and "ssh-ed25519" in found.stdout
+
+
+async def test_each_answer_is_counted_by_event_and_outcome(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret\n")
+    s = config.parse(
+        {
+            "server": {"state_dir": str(tmp_path / "state")},
+            "github": {"webhook_secret_file": str(tmp_path / "secret")},
+            "deployment": [
+                {
+                    "name": "prod",
+                    "image": "r.example/a/prod",
+                    "github_repo": "acme/dags",
+                    "fetch_url": str(tmp_path / "src"),
+                }
+            ],
+        },
+        base=tmp_path,
+        path=tmp_path / "deployd.toml",
+    )
+    records = Records(s.server.state_dir / "deployd.db")
+    pipeline = Pipeline(Services(s, records, FakeEngine()))
+    pipeline.lifecycle = Lifecycle.DRAINING  # deploys stay queued: none runs here
+    counted: list[tuple[str, str]] = []
+    metrics = Metrics(lambda: s, Records(s.server.state_dir / "deployd.db"))
+
+    def count(event: str, outcome: str) -> None:
+        counted.append((event, outcome))
+        metrics.webhook_delivery(event, outcome)  # refuses outcomes it does not know
+
+    app = web.Application()
+    app.router.add_post("/hook", Webhooks(lambda: s, records, pipeline, count).handle)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+
+    async def post(event: str, payload: object, **headers: str) -> int:
+        body = json.dumps(payload).encode()
+        sent = {
+            "Content-Type": "application/json",
+            "X-GitHub-Event": event,
+            "X-GitHub-Delivery": headers.pop("delivery", f"d-{len(counted)}"),
+            "X-Hub-Signature-256": sign("s3cret", body),
+            **headers,
+        }
+        resp = await client.post("/hook", data=body, headers=sent)
+        return resp.status
+
+    try:
+        assert await post("ping", {"zen": "hi"}) == 200
+        assert await post("push", push(), delivery="once") == 202
+        assert await post("push", push(), delivery="once") == 200  # GitHub's Redeliver
+        assert await post("push", push(repo="someone/else")) == 200
+        assert await post("evil_event", {}) == 200
+        assert await post("push", push(), **{"X-Hub-Signature-256": "sha256=" + "0" * 64}) == 401
+        assert await post("push", push(), **{"Content-Type": "text/plain"}) == 415
+        assert await post("push", push(), delivery="../../etc") == 400
+        assert await post("push", "not an object") == 400
+    finally:
+        await client.close()
+    assert counted == [
+        ("ping", "ignored"),
+        ("push", "deployed"),
+        ("push", "duplicate"),
+        ("push", "ignored"),
+        ("evil_event", "ignored"),
+        ("push", "unauthorized"),
+        ("push", "rejected"),
+        ("push", "rejected"),
+        ("push", "rejected"),
+    ]
+    text = metrics.exposition().decode()
+    assert 'deployd_webhook_deliveries_total{event="other",outcome="ignored"} 1.0' in text
+    assert 'deployd_webhook_deliveries_total{event="push",outcome="rejected"} 3.0' in text

@@ -391,3 +391,20 @@ def test_per_source_only_stalled_connections_count() -> None:
     assert all(burst)
     stalled = Gate(total=100, per_source=2, stall_seconds=0)
     assert stalled.admit("x") and stalled.admit("x") and stalled.admit("x") is None
+
+
+async def test_authenticated_connections_are_counted_while_open(world: SSHWorld) -> None:
+    async def settled(want: int) -> int:
+        for _ in range(200):  # the server sees a close a moment after the client
+            if world.state.authenticated == want:
+                break
+            await asyncio.sleep(0.01)
+        return world.state.authenticated
+
+    assert world.state.authenticated == 0
+    async with connect(world, "alice"), connect(world, "bob"):
+        assert await settled(2) == 2
+        with pytest.raises(asyncssh.PermissionDenied):
+            await connect(world, "eve")  # never in: not counted
+        assert world.state.authenticated == 2
+    assert await settled(0) == 0
