@@ -104,7 +104,12 @@ def labelled(context: Path, labels: dict[str, str], allow_remote_add: bool = Fal
         refuse_remote_add(original)
     label_line = "LABEL " + " ".join(f"{json.dumps(k)}={json.dumps(v)}" for k, v in labels.items())
     write_new(context / LABELLED_DOCKERFILE, f"{original.rstrip()}\n\n{label_line}\n")
-    existing = ignore.read_text(encoding="utf-8") if ignore.is_file() else ".dockerignore\n"
+    # Docker reads .dockerignore as bytes: keep any that are not UTF-8 as they are.
+    existing = (
+        ignore.read_text(encoding="utf-8", errors="surrogateescape")
+        if ignore.is_file()
+        else ".dockerignore\n"
+    )
     ignore.unlink(missing_ok=True)
     write_new(ignore, f"{existing.rstrip()}\n{LABELLED_DOCKERFILE}\n")
     return LABELLED_DOCKERFILE
@@ -113,5 +118,5 @@ def labelled(context: Path, labels: dict[str, str], allow_remote_add: bool = Fal
 def write_new(path: Path, text: str) -> None:
     """Create `path` (never through a symlink, never over an existing file) with `text`."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as fh:
         fh.write(text)

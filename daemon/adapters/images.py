@@ -25,7 +25,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from daemon.adapters import dockerfile
+from daemon.adapters import dockerfile, dockerignore
 from daemon.adapters.streams import Lines
 from daemon.config import DockerSettings, RegistrySettings
 from daemon.core.ports import (
@@ -135,7 +135,11 @@ class Images:
         on_line: Line,
         stop: threading.Event | None = None,
     ) -> str:
-        """Build `context` with its Dockerfile (.dockerignore honoured); return the image id."""
+        """Build `context` with its Dockerfile (.dockerignore honoured); return the image id.
+
+        The context is the tar the docker CLI would send (dockerignore.py), not
+        docker-py's, whose .dockerignore matching differs from Docker's.
+        """
         if not (context / "Dockerfile").is_file():
             raise BuildError(
                 "the project has no Dockerfile at its root; add one (an Astro "
@@ -144,12 +148,19 @@ class Images:
         tail: deque[str] = deque(maxlen=25)
         current_step = ""
         image_id = ""
-        with self._engine(), self._stream_client(stop) as client:
+        name = dockerfile.labelled(context, labels, self.allow_remote_add)
+        with (
+            dockerignore.context_tar(context, name) as body,
+            self._engine(),
+            self._stream_client(stop) as client,
+        ):
             try:
                 stream = client.build(
-                    path=str(context),
+                    fileobj=body,
+                    custom_context=True,
+                    encoding=None,
                     tag=tag,
-                    dockerfile=dockerfile.labelled(context, labels, self.allow_remote_add),
+                    dockerfile=name,
                     rm=True,
                     forcerm=True,
                     decode=True,
