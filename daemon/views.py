@@ -37,6 +37,12 @@ def deploy_json(d: Deploy) -> dict[str, Any]:
         "pid": d.pid,
         "error": d.error,
         "rollback_of": d.rollback_of,
+        "promoted_from": (
+            {"deployment": d.promoted_from, "deploy_id": d.promoted_from_id}
+            if d.promoted_from
+            else None
+        ),
+        "cancelled_by": d.cancelled_by,
         "report": d.report,
         "created_at": d.created_at,
         "started_at": d.started_at,

@@ -120,12 +120,29 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    # Release management: where a promoted deploy's image came from, who cancelled
+    # a deploy (set when the cancel is asked for: the process running it stops),
+    # and the freezes of each deployment, kept as history (the current one has
+    # no ended_at, and an `until` still ahead if it has one).
+    db.execute("ALTER TABLE deploys ADD COLUMN promoted_from TEXT")
+    db.execute("ALTER TABLE deploys ADD COLUMN promoted_from_id INTEGER")
+    db.execute("ALTER TABLE deploys ADD COLUMN cancelled_by TEXT")
+    db.execute(
+        "CREATE TABLE freezes (id INTEGER PRIMARY KEY AUTOINCREMENT, deployment TEXT NOT NULL, "
+        "frozen_by TEXT NOT NULL, reason TEXT NOT NULL, since REAL NOT NULL, until REAL, "
+        "ended_at REAL, ended_by TEXT)"
+    )
+    db.execute("CREATE INDEX freezes_deployment ON freezes (deployment, ended_at)")
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

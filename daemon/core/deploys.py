@@ -105,6 +105,9 @@ class Deploy:
     pid: int | None = None
     error: str | None = None
     rollback_of: int | None = None
+    promoted_from: str | None = None  # the deployment a promotion took its image from
+    promoted_from_id: int | None = None  # ... and that deployment's deploy
+    cancelled_by: str | None = None  # who asked for the cancel (set when asked)
     report: dict[str, Any] | None = None
     started_at: float | None = None
     finished_at: float | None = None
