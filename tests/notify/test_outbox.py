@@ -208,7 +208,9 @@ async def test_a_restart_goes_on_with_the_recorded_retry(
     got = served.receiver.requests("hook")
     assert [g.status for g in got] == [500, 500, 200]
     assert got[1].at >= state.next_at - 0.01  # the recorded backoff was waited out
-    assert got[1].at - stopped_at < 1.0
+    # Taken over at once, not after the 30 s a crashed holder's lease would take to expire
+    # (a margin for a loaded machine: the whole fast tier runs beside it).
+    assert got[1].at - stopped_at < 5.0
     assert len({g.headers["X-Deployd-Delivery"] for g in got}) == 1
     assert [seen(g) for g in served.receiver.delivered("hook")] == [(did, "succeeded")]
 
