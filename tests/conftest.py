@@ -6,11 +6,30 @@ does it); they fail, rather than skip, when it has not.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.testenv import ENV_FILE, Deployd, Infra, read_infra, write_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kubectl_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A discovery cache of this run's own for every kubectl the tests start.
+
+    kubectl keeps discovery for 6 hours under ~/.kube/cache, keyed by host and
+    port: a simulator on a reused port would otherwise be answered from an older
+    one's (with other kinds, or none of the newer subresources).
+    """
+    before = os.environ.get("KUBECACHEDIR")
+    os.environ["KUBECACHEDIR"] = str(tmp_path_factory.mktemp("kubectl-cache"))
+    yield
+    if before is None:
+        os.environ.pop("KUBECACHEDIR", None)
+    else:
+        os.environ["KUBECACHEDIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,13 @@ from tests.support.kubesim import Fault, KubeSim
 from tests.support.kubesim.patch import json_patch, merge_patch, strategic_merge
 
 
+@pytest.fixture(autouse=True)
+def kube_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kubectl cache of this test's own: kubectl keeps discovery for 6 hours by host and
+    port, and a port is soon used again by another simulator (maybe an older one)."""
+    monkeypatch.setenv("KUBECACHEDIR", str(tmp_path / "kube-cache"))
+
+
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[KubeSim]:
     s = KubeSim(tmp_path / "kubesim").start()
@@ -241,3 +248,189 @@ def test_runs_on_its_own(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# -- what a person types: kubectl's typed commands, scale and apply ---------------------
+
+SERVER_SET = ("uid", "resourceVersion", "creationTimestamp", "generation", "namespace")
+
+
+def as_sent(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object without what the server and its controllers add (and status)."""
+    obj = json.loads(json.dumps(obj))
+    obj.pop("status", None)
+    for key in SERVER_SET:
+        obj["metadata"].pop(key, None)
+    notes = obj["metadata"].get("annotations") or {}
+    notes.pop("deployment.kubernetes.io/revision", None)
+    if not notes:
+        obj["metadata"].pop("annotations", None)
+    return obj
+
+
+def test_kubectl_create_deployment_and_job_are_read_from_protobuf(sim: KubeSim) -> None:
+    """kubectl sends these as protobuf (the simulator answered 500 before it read protobuf);
+    what is stored is what kubectl itself renders as JSON for the same object."""
+    commands = [
+        ["create", "deployment", "web", "--image=r/a:1", "--port=8080", "-v=7"],
+        ["create", "deployment", "idle", "--image=r/a:1", "--replicas=0", "--", "sleep", "9"],
+        ["create", "job", "migrate", "--image=r/a:1", "--", "airflow", "db", "migrate"],
+    ]
+    rendered = []
+    for args in commands:
+        cut = args.index("--") if "--" in args else len(args)
+        out = kubectl(sim, *args[:cut], "--dry-run=client", "-o", "json", *args[cut:])
+        rendered.append(as_sent(json.loads(out.stdout)))
+        out = kubectl(sim, *args)
+        assert out.stdout.endswith(f"/{args[2]} created\n")
+        if "-v=7" in args:
+            assert "Content-Type: application/vnd.kubernetes.protobuf" in out.stderr
+    got = kubectl(sim, "get", "deployment/web", "deployment/idle", "job/migrate", "-o", "json")
+    items = json.loads(got.stdout)["items"]
+    assert [as_sent(obj) for obj in items] == rendered
+    assert items[1]["spec"]["replicas"] == 0  # a pointer's zero: not "unset", not 1
+
+
+def test_kubectl_scale_writes_the_scale_subresource(sim: KubeSim, tmp_path: Path) -> None:
+    """`kubectl scale` patches .../scale (404 before the simulator served it)."""
+    kubectl(sim, "create", "deployment", "web", "--image=r/a:1", "--replicas=2")
+    assert kubectl(sim, "scale", "deployment/web", "--replicas=4").stdout.strip() == (
+        "deployment.apps/web scaled"
+    )
+    scale = json.loads(
+        kubectl(sim, "get", "deployment/web", "--subresource=scale", "-o", "json").stdout
+    )
+    assert scale["kind"] == "Scale" and scale["apiVersion"] == "autoscaling/v1"
+    assert scale["spec"] == {"replicas": 4} and scale["status"]["selector"] == "app=web"
+    # With --current-replicas kubectl reads the Scale and PUTs it back, a precondition.
+    kubectl(sim, "scale", "deployment/web", "--current-replicas=4", "--replicas=1")
+    stale = kubectl(
+        sim, "scale", "deployment/web", "--current-replicas=4", "--replicas=2", check=False
+    )
+    assert stale.returncode != 0 and "Expected replicas to be 4, was 1" in stale.stderr
+    create(sim, tmp_path, worker("r/a:1", replicas=1))
+    kubectl(sim, "scale", "statefulset/airflow-worker", "--replicas=3")
+    replicas = kubectl(
+        sim,
+        "get",
+        "deployment/web",
+        "statefulset/airflow-worker",
+        "-o",
+        "jsonpath={..spec.replicas}",
+    ).stdout
+    assert replicas.split() == ["1", "3"]
+
+
+MANIFEST = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: IMAGE
+        ports: [{containerPort: 8080}]
+        resources:
+          limits: {cpu: 500m, memory: 128Mi}
+      - name: sidecar
+        image: r/sidecar:1
+---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: migrate
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - {name: migrate, image: r/a:1}
+"""
+
+
+@pytest.mark.parametrize(
+    "validate", ["strict", pytest.param("false", marks=pytest.mark.integration)]
+)
+def test_kubectl_apply_creates_then_patches(sim: KubeSim, tmp_path: Path, validate: str) -> None:
+    """`kubectl apply -f` validates through /openapi/v3 (it failed to download OpenAPI
+    before), creates with the last-applied annotation, then sends a strategic merge patch."""
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(MANIFEST.replace("IMAGE", "r/a:1"))
+    first = kubectl(sim, "apply", f"--validate={validate}", "-f", str(manifest))
+    assert first.stdout.split("\n")[:2] == [
+        "deployment.apps/web created",
+        "job.batch/migrate created",
+    ]
+    assert first.stderr == ""
+    manifest.write_text(MANIFEST.replace("IMAGE", "r/a:2"))
+    second = kubectl(sim, "apply", f"--validate={validate}", "-f", str(manifest), "-v=7")
+    assert "deployment.apps/web configured\njob.batch/migrate unchanged" in second.stdout
+    assert "Content-Type: application/strategic-merge-patch+json" in second.stderr
+    assert "warning" not in second.stderr.lower()  # the patch came from the OpenAPI schemas
+    got = json.loads(kubectl(sim, "get", "deployment/web", "-o", "json").stdout)
+    containers = got["spec"]["template"]["spec"]["containers"]
+    assert [(c["name"], c["image"]) for c in containers] == [
+        ("web", "r/a:2"),
+        ("sidecar", "r/sidecar:1"),
+    ]
+    assert containers[0]["resources"] == {"limits": {"cpu": "500m", "memory": "128Mi"}}
+    applied = json.loads(
+        got["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+    )
+    assert applied["spec"]["template"]["spec"]["containers"][0]["image"] == "r/a:2"
+    assert not [p for _, p in sim.sim.requests if p.startswith("/openapi/v2")]  # v3 sufficed
+    third = kubectl(sim, "apply", f"--validate={validate}", "-f", str(manifest))
+    assert third.stdout.split("\n")[:2] == [
+        "deployment.apps/web unchanged",
+        "job.batch/migrate unchanged",
+    ]
+
+
+def test_kubectl_explain_reads_the_served_openapi(sim: KubeSim) -> None:
+    out = kubectl(sim, "explain", "deployment.spec.strategy.rollingUpdate.maxSurge").stdout
+    assert "FIELD: maxSurge <IntOrString>" in out
+    assert "The maximum number of pods that can be scheduled above" in out
+
+
+@pytest.mark.integration  # a second of kubectl; the HTTP-level test is in the fast tier
+def test_kubectl_validation_of_unknown_fields_is_the_servers(sim: KubeSim, tmp_path: Path) -> None:
+    """kubectl leaves validation to a server whose OpenAPI offers fieldValidation: Strict by
+    default (an error naming the field), Warn (a warning; the field is dropped), or none."""
+    manifest = tmp_path / "typo.yaml"
+    manifest.write_text(
+        MANIFEST.replace("IMAGE", "r/a:1").replace(
+            "ports:", "imagePullPolicyy: Always\n        ports:"
+        )
+    )
+    field = "spec.template.spec.containers[0].imagePullPolicyy"
+    strict = kubectl(sim, "apply", "-f", str(manifest), check=False)
+    assert strict.returncode != 0
+    assert f'strict decoding error: unknown field "{field}"' in strict.stderr
+    warned = kubectl(sim, "apply", "--validate=warn", "-f", str(manifest))
+    assert f'Warning: unknown field "{field}"' in warned.stderr
+    kubectl(sim, "delete", "-f", str(manifest))
+    quiet = kubectl(sim, "create", "--validate=false", "-f", str(manifest))
+    assert "Warning" not in quiet.stderr
+    got = json.loads(kubectl(sim, "get", "deployment/web", "-o", "json").stdout)
+    assert "imagePullPolicyy" not in got["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_kubectl_auth_can_i_is_read_from_protobuf(tmp_path: Path) -> None:
+    s = KubeSim(tmp_path / "tls", tls=True, token="admin-t0ken", read_token="read-t0ken").start()
+    try:
+        s.write_kubeconfig(s.kubeconfig, "read-t0ken")
+        assert kubectl(s, "auth", "can-i", "list", "deployments").stdout.strip() == "yes"
+        denied = kubectl(s, "auth", "can-i", "patch", "deployments", check=False)
+        assert denied.returncode == 1 and denied.stdout.strip() == "no"
+    finally:
+        s.stop()

@@ -5,6 +5,10 @@
 
 In tests, `KubeSim().start()` runs it in a thread of the test process and
 writes a kubeconfig that the real `kubectl` and deployd both use.
+
+Bodies come as JSON or as Kubernetes' protobuf (what kubectl's typed commands send), read with
+Kubernetes' own .proto files kept in proto/ (schema.py, protobuf.py); the same schemas give
+/openapi/v3 (openapi.py), against which kubectl decides to leave validation to the server.
 """
 
 from __future__ import annotations

@@ -71,15 +71,16 @@ def resource_list(group: str, version: str) -> dict[str, Any]:
             }
         )
         for sub in r.subresources:
-            resources.append(
-                {
-                    "name": f"{r.plural}/{sub}",
-                    "singularName": "",
-                    "namespaced": r.namespaced,
-                    "kind": r.kind,
-                    "verbs": ["get", "patch", "update"],
-                }
-            )
+            entry: dict[str, Any] = {
+                "name": f"{r.plural}/{sub}",
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "kind": r.kind,
+                "verbs": ["get", "patch", "update"],
+            }
+            if sub == "scale":  # another group's kind: client-go's scale client reads these
+                entry.update(group="autoscaling", version="v1", kind="Scale")
+            resources.append(entry)
     gv = f"{group}/{version}" if group else version
     return {
         "kind": "APIResourceList",

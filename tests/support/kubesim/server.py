@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +12,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from tests.support.kubesim import discovery, protobuf
+from tests.support.kubesim import codec, discovery, openapi
 from tests.support.kubesim import patch as patching
 from tests.support.kubesim.controllers import Controllers
 from tests.support.kubesim.store import (
@@ -108,17 +108,21 @@ class Sim:
             break
         try:
             # Discovery and /version are open to everyone, as RBAC's system:discovery makes them.
-            open_path = request.path.rstrip("/") in discovery.PATHS or request.path == "/version"
+            open_path = (
+                request.path.rstrip("/") in discovery.PATHS
+                or request.path == "/version"
+                or request.path.startswith("/openapi/")
+            )
             request[USER] = ("anonymous", set()) if open_path else self._user(request)
             return await handler(request)
         except ApiError as exc:
-            return web.json_response(exc.status(), status=exc.code)
+            return codec.answer(request, exc.status(), exc.code)
 
     # -- routing -------------------------------------------------------------
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         parts = [unquote(p) for p in request.path.strip("/").split("/") if p]
-        answer = discovery.answer(request, parts)
+        answer = discovery.answer(request, parts) or openapi.answer(parts)
         if answer is not None:
             return answer
         res, ns, name, sub = _locate(parts, request.method)
@@ -126,6 +130,9 @@ class Sim:
         self._authorize(request, res, verb, ns, name, sub)
         if res.plural == "selfsubjectaccessreviews":
             return await self._access_review(request)
+        if sub == "scale":
+            assert name is not None
+            return await self._scale(request, res, verb, ns, name)
         if verb == "watch":
             return await self._watch(request, res, ns)
         if verb in ("list", "get"):
@@ -160,10 +167,12 @@ class Sim:
     ) -> web.Response:
         dry = request.query.get("dryRun") == "All"
         if verb == "create":
-            obj = await _json(request)
-            if dry:
-                return web.json_response(obj, status=201)
-            return web.json_response(self.store.create(res, ns, obj), status=201)
+            obj, warnings = codec.validate(
+                request, res.group_version, res.kind, await codec.read_body(request)
+            )
+            if not dry:
+                obj = self.store.create(res, ns, obj)
+            return codec.answer(request, obj, 201, warnings)
         assert name is not None
         if verb == "delete":
             obj = self.store.get(res, ns, name)
@@ -171,12 +180,14 @@ class Sim:
                 self.store.delete(res, ns, name)
                 if self.controllers is not None:
                     self.controllers.deleted(res, obj)
-            return web.json_response(obj)
+            return codec.answer(request, obj)
         if verb == "update":
-            obj = await _json(request)
-            if dry:
-                return web.json_response(obj)
-            return web.json_response(self.store.replace(res, ns, name, obj, subresource=sub))
+            obj, warnings = codec.validate(
+                request, res.group_version, res.kind, await codec.read_body(request)
+            )
+            if not dry:
+                obj = self.store.replace(res, ns, name, obj, subresource=sub)
+            return codec.answer(request, obj, 200, warnings)
         return await self._patch(request, res, ns, name, sub, dry)
 
     def _authorize(
@@ -203,39 +214,21 @@ class Sim:
         )
 
     async def _access_review(self, request: web.Request) -> web.Response:
-        body = await _json(request)
+        body = await codec.read_body(request)
         attrs = (body.get("spec") or {}).get("resourceAttributes") or {}
         _, verbs = request[USER]
         allowed = "*" in verbs or attrs.get("verb") in verbs
         body["status"] = {"allowed": allowed}  # RBAC gives no reason for a denial
         body.setdefault("metadata", {})
         body["apiVersion"], body["kind"] = "authorization.k8s.io/v1", "SelfSubjectAccessReview"
-        return web.json_response(body, status=201)
+        return codec.answer(request, body, 201)
 
     async def _patch(
         self, request: web.Request, res: Resource, ns: str | None, name: str, sub: str, dry: bool
     ) -> web.Response:
-        ctype = request.content_type
-        if ctype not in PATCH_TYPES:
-            raise ApiError(
-                415,
-                "UnsupportedMediaType",
-                "the body of the request was in an "
-                "unknown format - accepted media types include: " + ", ".join(PATCH_TYPES),
-            )
-        body = await _json(request, any_json=True)
         current = self.store.get(res, ns, name)
-        try:
-            new = PATCH_TYPES[ctype](current, body)
-        except patching.PatchError as exc:
-            raise ApiError(422, "Invalid", str(exc)) from exc
-        if not isinstance(new, dict) or (new.get("metadata") or {}).get("name") != name:
-            raise ApiError(
-                422,
-                "Invalid",
-                f'{res.kind}.{res.group} "{name}" is invalid: '
-                "metadata.name: Invalid value: the name may not change",
-            )
+        new, body = await _patched(request, res, current, name)
+        new, warnings = codec.validate(request, res.group_version, res.kind, new)
         _validate(res, name, new)
         want_rv = (
             (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
@@ -244,13 +237,39 @@ class Sim:
             new["metadata"]["resourceVersion"] = want_rv  # a precondition: 409 when stale
         else:
             new["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        if dry:
-            return web.json_response(new)
-        return web.json_response(self.store.replace(res, ns, name, new, subresource=sub))
+        if not dry:
+            new = self.store.replace(res, ns, name, new, subresource=sub)
+        return codec.answer(request, new, 200, warnings)
+
+    async def _scale(
+        self, request: web.Request, res: Resource, verb: str, ns: str | None, name: str
+    ) -> web.Response:
+        """The scale subresource: an autoscaling/v1 Scale read from and written to spec.replicas."""
+        obj = self.store.get(res, ns, name)
+        current = scale_of(obj)
+        if verb == "get":
+            return codec.answer(request, current)
+        if verb == "update":
+            body = await codec.read_body(request)
+        elif verb == "patch":
+            body, _ = await _patched(request, res, current, name)
+        else:
+            raise ApiError(405, "MethodNotAllowed", f"{verb} is not supported on scale")
+        scale, warnings = codec.validate(request, "autoscaling/v1", "Scale", body)
+        new = copy.deepcopy(obj)
+        new.setdefault("spec", {})["replicas"] = (scale.get("spec") or {}).get("replicas", 0)
+        # A resourceVersion in the Scale is a precondition on the workload, as in kube-apiserver.
+        want_rv = (scale.get("metadata") or {}).get("resourceVersion")
+        new["metadata"]["resourceVersion"] = want_rv or obj["metadata"]["resourceVersion"]
+        if request.query.get("dryRun") != "All":
+            new = self.store.replace(res, ns, name, new)
+        return codec.answer(request, scale_of(new), 200, warnings)
 
     async def _watch(
         self, request: web.Request, res: Resource, ns: str | None
     ) -> web.StreamResponse:
+        if codec.wants_protobuf(request):  # kube-apiserver streams protobuf; this one does not
+            raise ApiError(406, "NotAcceptable", "watches are served as JSON only")
         watcher = Watcher(
             res,
             ns,
@@ -394,27 +413,6 @@ def _reason(status: int) -> str:
     }.get(status, "Unknown")
 
 
-async def _json(request: web.Request, any_json: bool = False) -> Any:
-    if request.content_type == "application/vnd.kubernetes.protobuf":
-        return protobuf.access_review(await request.read())
-    if request.content_type not in ("application/json", "") and "json" not in request.content_type:
-        # Protobuf and CBOR are not spoken here; client-go then retries with JSON.
-        raise ApiError(
-            415,
-            "UnsupportedMediaType",
-            "the body of the request was in an "
-            "unknown format - accepted media types include: application/json, "
-            "application/yaml",
-        )
-    try:
-        body = json.loads(await request.read())
-    except ValueError as exc:
-        raise ApiError(400, "BadRequest", f"the body could not be decoded: {exc}") from exc
-    if not any_json and not isinstance(body, dict):
-        raise ApiError(400, "BadRequest", "the body must be a JSON object")
-    return body
-
-
 def _validate(res: Resource, name: str, obj: dict[str, Any]) -> None:
     if res.plural not in ("deployments", "statefulsets", "jobs", "replicasets"):
         return
@@ -439,10 +437,69 @@ def _validate(res: Resource, name: str, obj: dict[str, Any]) -> None:
             )
 
 
+async def _patched(
+    request: web.Request, res: Resource, current: dict[str, Any], name: str
+) -> tuple[dict[str, Any], Any]:
+    """`current` with the request's patch applied, and the patch."""
+    ctype = request.content_type
+    if ctype not in PATCH_TYPES:
+        raise ApiError(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an "
+            "unknown format - accepted media types include: " + ", ".join(PATCH_TYPES),
+        )
+    body = await codec.read_body(request, any_json=True)
+    try:
+        new = PATCH_TYPES[ctype](current, body)
+    except patching.PatchError as exc:
+        raise ApiError(422, "Invalid", str(exc)) from exc
+    if not isinstance(new, dict) or (new.get("metadata") or {}).get("name") != name:
+        raise ApiError(
+            422,
+            "Invalid",
+            f'{res.kind}.{res.group} "{name}" is invalid: '
+            "metadata.name: Invalid value: the name may not change",
+        )
+    return new, body
+
+
+def scale_of(obj: dict[str, Any]) -> dict[str, Any]:
+    """A workload's autoscaling/v1 Scale, as its scale subresource answers it."""
+    meta, spec = obj["metadata"], obj.get("spec") or {}
+    keep = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+    status: dict[str, Any] = {"replicas": (obj.get("status") or {}).get("replicas", 0)}
+    selector = _selector_text(spec.get("selector") or {})
+    if selector:
+        status["selector"] = selector
+    return {
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {k: meta[k] for k in keep if k in meta},
+        "spec": {"replicas": spec.get("replicas", 1)},
+        "status": status,
+    }
+
+
+def _selector_text(selector: dict[str, Any]) -> str:
+    """A LabelSelector as a selector string, sorted by key as labels.Selector.String() is."""
+    parts = [(k, f"{k}={v}") for k, v in (selector.get("matchLabels") or {}).items()]
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key", ""), expr.get("operator", ""), expr.get("values") or []
+        text = {
+            "In": f"{key} in ({','.join(sorted(values))})",
+            "NotIn": f"{key} notin ({','.join(sorted(values))})",
+            "Exists": key,
+            "DoesNotExist": f"!{key}",
+        }.get(op, key)
+        parts.append((key, text))
+    return ",".join(text for _, text in sorted(parts))
+
+
 def _answer(request: web.Request, res: Resource, body: dict[str, Any]) -> web.Response:
     if "as=Table" in request.headers.get("Accept", ""):
         return web.json_response(_table(res, body))
-    return web.json_response(body)
+    return codec.answer(request, body)
 
 
 def _table(res: Resource, body: dict[str, Any]) -> dict[str, Any]:

@@ -36,14 +36,39 @@ class Resource:
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
 
+SCALABLE = ("status", "scale")  # scale: an autoscaling/v1 Scale of spec.replicas
 RESOURCES = [
     Resource("", "v1", "pods", "Pod", short=("po",), singular="pod"),
     Resource(
         "", "v1", "namespaces", "Namespace", namespaced=False, short=("ns",), singular="namespace"
     ),
-    Resource("apps", "v1", "deployments", "Deployment", short=("deploy",), singular="deployment"),
-    Resource("apps", "v1", "statefulsets", "StatefulSet", short=("sts",), singular="statefulset"),
-    Resource("apps", "v1", "replicasets", "ReplicaSet", short=("rs",), singular="replicaset"),
+    Resource(
+        "apps",
+        "v1",
+        "deployments",
+        "Deployment",
+        short=("deploy",),
+        singular="deployment",
+        subresources=SCALABLE,
+    ),
+    Resource(
+        "apps",
+        "v1",
+        "statefulsets",
+        "StatefulSet",
+        short=("sts",),
+        singular="statefulset",
+        subresources=SCALABLE,
+    ),
+    Resource(
+        "apps",
+        "v1",
+        "replicasets",
+        "ReplicaSet",
+        short=("rs",),
+        singular="replicaset",
+        subresources=SCALABLE,
+    ),
     Resource(
         "apps",
         "v1",
