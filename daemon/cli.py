@@ -26,6 +26,7 @@ from daemon.adapters.records import Records
 from daemon.core import deploys, usecases
 from daemon.core.context import DeployRequest, Services
 from daemon.core.deploys import Deploy, Options
+from daemon.core.freezes import describe
 from daemon.core.pipeline import DeployOutcome, Pipeline
 from daemon.errors import DeploydError, UsageError
 
@@ -96,6 +97,10 @@ def check_config(ctx: click.Context, config_path: str | None) -> None:
             f"(tag {dep.tag_template}; workloads: {workloads}; "
             f"pytest {'on' if dep.pytest else 'off'})"
         )
+        if dep.promote_from:
+            click.echo(f"  takes promotions from {dep.promote_from} only")
+        for window in dep.freeze_windows:
+            click.echo(f"  {window}")
     for key in settings.keys:
         scope = "admin" if key.admin else ", ".join(key.deployments) or "no deployments"
         click.echo(f"key {key.name}: {scope}")
@@ -146,10 +151,11 @@ def deploy(
     options = Options(
         force=force, pytest=run_pytest, description=description, allow_dirty=allow_dirty
     )
+    services = _services(settings)
+    usecases.admit(services.records, dep, options)
     request = usecases.deploy_checkout(
         dep, path, options, trigger="cli", actor=usecases.local_actor()
     )
-    services = _services(settings)
     services.images.ping()
     _run_and_exit(services, request, "deploy", as_json)
 
@@ -168,12 +174,14 @@ def list_deploys(
     settings = _settings(ctx, config_path)
     if deployment is not None:
         settings.deployment(deployment)
-    rows = usecases.history(
-        settings, _records(settings), [deployment] if deployment else None, limit
-    )
+    records = _records(settings)
+    rows = usecases.history(settings, records, [deployment] if deployment else None, limit)
     if as_json:
         click.echo(json.dumps([views.deploy_json(r) for r in rows], indent=2))
         return
+    shown = [settings.deployment(deployment)] if deployment else settings.deployments
+    for line in views.freeze_lines({d.name: usecases.freeze_of(records, d) for d in shown}):
+        click.echo(line)
     for line in views.deploy_table(rows):
         click.echo(line)
 
@@ -207,6 +215,10 @@ def logs(
 @click.argument("deployment")
 @click.argument("deploy_id", required=False)
 @click.option("--force", is_flag=True, help="Roll back across a change of Airflow version.")
+@click.option(
+    "--freeze", "and_freeze", is_flag=True, help="Freeze the deployment too, until unfrozen."
+)
+@click.option("--reason", default=None, help="Why it is frozen (with --freeze).")
 @click.option("--json", "as_json", is_flag=True, help="Print the deploy record as JSON.")
 @click.pass_context
 @_errors
@@ -216,22 +228,121 @@ def rollback(
     deployment: str,
     deploy_id: str | None,
     force: bool,
+    and_freeze: bool,
+    reason: str | None,
     as_json: bool,
 ) -> None:
     """Run an earlier successful deploy's image again (default: the one before)."""
     settings = _settings(ctx, config_path)
     dep = settings.deployment(deployment)
+    if reason is not None and not and_freeze:
+        raise UsageError("--reason goes with --freeze.")
     services = _services(settings)
+    actor = usecases.local_actor()
     request = usecases.rollback(
         settings,
         services.records,
         dep,
         names.deploy_id(deploy_id) if deploy_id else None,
         trigger="cli",
+        actor=actor,
+        force=force,
+    )
+    if and_freeze:
+        _rollback_freeze(services.records, dep, actor, reason or request.subject)
+    _run_and_exit(services, request, "rollback", as_json)
+
+
+def _rollback_freeze(records: Records, dep: config_mod.Deployment, actor: str, reason: str) -> None:
+    """Freeze before the rollback is queued: no webhook deploy can undo it afterwards."""
+    held, new = usecases.freeze_for_rollback(records, dep, by=actor, reason=reason)
+    said = "froze" if new else "kept the freeze:"
+    click.echo(f"deployd: {said} {describe(held)} (deployd unfreeze {dep.name} ends it)", err=True)
+
+
+@main.command()
+@_config_option
+@click.argument("source")
+@click.argument("target")
+@click.argument("deploy_id", required=False)
+@click.option("--force", is_flag=True, help="Promote an older Airflow than TARGET runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the deploy record as JSON.")
+@click.pass_context
+@_errors
+def promote(
+    ctx: click.Context,
+    config_path: str | None,
+    source: str,
+    target: str,
+    deploy_id: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Deploy to TARGET the image SOURCE runs (or SOURCE's deploy DEPLOY_ID built), by digest."""
+    settings = _settings(ctx, config_path)
+    src, dst = settings.deployment(source), settings.deployment(target)
+    services = _services(settings)
+    request = usecases.promote(
+        settings,
+        services.records,
+        src,
+        dst,
+        names.deploy_id(deploy_id) if deploy_id else None,
+        trigger="cli",
         actor=usecases.local_actor(),
         force=force,
     )
-    _run_and_exit(services, request, "rollback", as_json)
+    _run_and_exit(services, request, "promotion", as_json)
+
+
+@main.command()
+@_config_option
+@click.argument("deployment")
+@click.option("--reason", required=True, help="Why (shown to everyone who is refused).")
+@click.option("--until", "until", default=None, help="RFC 3339 time or duration (30m, 2h, 1d).")
+@click.option("--json", "as_json", is_flag=True, help="Print the freeze as JSON.")
+@click.pass_context
+@_errors
+def freeze(
+    ctx: click.Context,
+    config_path: str | None,
+    deployment: str,
+    reason: str,
+    until: str | None,
+    as_json: bool,
+) -> None:
+    """Stop deploys of DEPLOYMENT (pushes, deploys, promotions); rollbacks still run."""
+    settings = _settings(ctx, config_path)
+    dep = settings.deployment(deployment)
+    made = usecases.freeze(
+        _records(settings), dep, by=usecases.local_actor(), reason=reason, until=until
+    )
+    if as_json:
+        click.echo(json.dumps({"deployment": dep.name, "freeze": views.freeze_json(made)}))
+    else:
+        click.echo(describe(made))
+
+
+@main.command()
+@_config_option
+@click.argument("deployment")
+@click.option("--json", "as_json", is_flag=True, help="Print what freezes it now as JSON.")
+@click.pass_context
+@_errors
+def unfreeze(ctx: click.Context, config_path: str | None, deployment: str, as_json: bool) -> None:
+    """End the freeze of DEPLOYMENT: waiting webhook deploys run, pushes are taken again."""
+    settings = _settings(ctx, config_path)
+    dep = settings.deployment(deployment)
+    records = _records(settings)
+    ended = usecases.unfreeze(records, dep, by=usecases.local_actor())
+    still = usecases.freeze_of(records, dep)
+    if as_json:
+        out = {"deployment": dep.name, "ended": views.freeze_json(ended)}
+        click.echo(json.dumps({**out, "freeze": views.freeze_json(still)}))
+        return
+    click.echo(f"{dep.name} unfrozen (frozen by {ended.by}: {ended.reason})")
+    if still is not None:
+        click.echo(f"note: {describe(still)}")
 
 
 @main.command()
@@ -252,6 +363,39 @@ def status(ctx: click.Context, config_path: str | None, deployment: str, as_json
             click.echo(line)
     if now.unreachable:
         sys.exit(4)
+
+
+@main.command()
+@_config_option
+@click.argument("deploy_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the deploy record as JSON.")
+@click.pass_context
+@_errors
+def cancel(ctx: click.Context, config_path: str | None, deploy_id: str, as_json: bool) -> None:
+    """Cancel a queued or running deploy, whichever process runs it; wait until it stops."""
+    settings = _settings(ctx, config_path)
+    records = _records(settings)
+    ident = names.deploy_id(deploy_id)
+    asked = usecases.cancel(records, ident, by=usecases.local_actor())
+    click.echo(f"deployd: {views.cancel_asked_line(asked)}", err=True)
+
+    async def follow() -> None:
+        lines = usecases.follow_log(records, ident, settings=settings, after=asked.log_mark)
+        async for row in lines:
+            click.echo(row.line, err=True)
+
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:
+        click.echo(f"deployd: the cancel stays asked; follow it: deployd logs {ident} -f", err=True)
+        sys.exit(1)
+    rec = records.get(ident)
+    assert rec is not None
+    if as_json:
+        click.echo(json.dumps(views.deploy_json(rec), indent=2))
+    else:
+        click.echo(views.cancel_result(rec))
+    sys.exit(0 if rec.state == deploys.CANCELLED else 1)
 
 
 def _run_and_exit(services: Services, request: DeployRequest, what: str, as_json: bool) -> None:

@@ -56,6 +56,10 @@ class UnknownDeployment(UsageError):
     """No deployment of that name is configured."""
 
 
+class Refusal(UsageError):
+    """A rule refuses the action now: a freeze, a deployment that takes only promotions."""
+
+
 class GitError(DeploydError):
     """A git command failed."""
 
@@ -94,6 +98,17 @@ class ClusterError(DeploydError):
     def __init__(self, message: str, *, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason  # the API's Status reason (NotFound, Forbidden, ...)
+
+
+class DiskFull(DeploydError):
+    """The disk holding state_dir has no space left: for a checkout, a repository, the records."""
+
+    def __init__(self, path: object, doing: str = "") -> None:
+        super().__init__(
+            f"the disk holding {path} is full (No space left on device{doing}): "
+            "free space on it, then deploy again."
+        )
+        self.path = path
 
 
 class Cancelled(DeploydError):

@@ -82,7 +82,9 @@ class Daemon:
             self.pipeline,
             self.metrics.webhook_delivery,
         )
-        self.api = Api(lambda: self.services.settings, self.records, self.pipeline.live.get)
+        self.api = Api(
+            lambda: self.services.settings, self.records, self.pipeline.live.get, self.pipeline
+        )
         self.statuses = StatusReporter(lambda: self.services.settings)
         self.pipeline.observers.append(self.statuses.observe)
         self.deliverer = Deliverer(

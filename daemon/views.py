@@ -9,7 +9,8 @@ from typing import Any
 
 from daemon.core import deploys
 from daemon.core.deploys import Deploy, LogLine
-from daemon.core.usecases import Status
+from daemon.core.freezes import Freeze, describe
+from daemon.core.usecases import CancelAsked, Status
 
 
 def deploy_json(d: Deploy) -> dict[str, Any]:
@@ -29,6 +30,7 @@ def deploy_json(d: Deploy) -> dict[str, Any]:
             "force": d.options.force,
             "pytest": d.options.pytest,
             "allow_dirty": d.options.allow_dirty,
+            "override_freeze": d.options.override_freeze,
         },
         "image": d.image,
         "tag": d.tag,
@@ -60,6 +62,18 @@ def deploy_json(d: Deploy) -> dict[str, Any]:
     }
 
 
+def freeze_json(f: Freeze | None) -> dict[str, Any] | None:
+    """A deployment's freeze in the shape `--json` prints and the API returns (or None)."""
+    if f is None:
+        return None
+    return {"by": f.by, "reason": f.reason, "since": f.since, "until": f.until}
+
+
+def freeze_lines(freezes: dict[str, Freeze | None]) -> list[str]:
+    """The line above a `deploys` table for each frozen deployment."""
+    return [describe(f) for f in freezes.values() if f is not None]
+
+
 def log_json(row: LogLine) -> dict[str, Any]:
     """A log line in the shape `logs --json` prints and the API streams."""
     return {"ts": row.ts, "step": row.step, "line": row.line}
@@ -82,6 +96,8 @@ def deploy_table(rows: list[Deploy]) -> list[str]:
     ]
     for r in rows:
         what = r.tag if r.state == deploys.SUCCEEDED else (r.error or "")
+        if r.promoted_from and r.state == deploys.SUCCEEDED:
+            what = f"{what} (promoted from {r.promoted_from} #{r.promoted_from_id})"
         out.append(
             f"{r.id:>5}  {r.deployment:<14} {r.state:<12} "
             f"{(r.commit or '')[:7]:<8} {when(r.created_at):<19} {r.trigger:<8} "
@@ -97,6 +113,7 @@ def status_json(status: Status) -> dict[str, Any]:
         "deployed": deploy_json(status.deployed) if status.deployed else None,
         "in_flight": [deploy_json(d) for d in status.in_flight],
         "cluster": status.cluster,
+        "freeze": freeze_json(status.freeze),
     }
 
 
@@ -104,10 +121,16 @@ def status_lines(status: Status) -> list[str]:
     """What is deployed, what is under way, and what the cluster runs."""
     last, in_flight, cluster = status.deployed, status.in_flight, status.cluster
     out = [f"deployment {status.deployment}"]
+    if status.freeze is not None:
+        f = status.freeze
+        until = f"until {when(f.until)} UTC" if f.until is not None else "until unfrozen"
+        out.append(f"  frozen:   by {f.by} since {when(f.since)} UTC {until}: {f.reason}")
     if last is None:
         out.append("  deployed: nothing yet")
     else:
         what = f" (rollback to #{last.rollback_of})" if last.rollback_of else ""
+        if last.promoted_from:
+            what = f" (promoted from {last.promoted_from} #{last.promoted_from_id})"
         out.append(
             f"  deployed: deploy #{last.id}{what} of {(last.commit or '')[:12]} at "
             f"{when(last.finished_at)} UTC"
@@ -141,6 +164,30 @@ def status_lines(status: Status) -> list[str]:
     return out
 
 
+def cancel_asked_line(asked: CancelAsked) -> str:
+    """What `cancel` says once the request is recorded (to stderr, before the deploy's lines)."""
+    rec = asked.record
+    if rec.final:  # it was queued: cancelled at once
+        return f"deploy #{rec.id} of {rec.deployment} was queued: it leaves the queue"
+    where = f"in {rec.step}" if rec.step else "starting"
+    if asked.already:
+        return (
+            f"deploy #{rec.id} of {rec.deployment} ({where}): {rec.cancelled_by} asked for a "
+            "cancel already; waiting for it to stop"
+        )
+    return f"deploy #{rec.id} of {rec.deployment} ({where}): cancel asked; waiting for it to stop"
+
+
+def cancel_result(rec: Deploy) -> str:
+    """The last line of `cancel`: how the deploy ended (`cancelled by <who> during <step>`)."""
+    error = rec.error or ""
+    if rec.state == deploys.CANCELLED and error.startswith("cancelled by "):
+        return f"deploy #{rec.id} {error}"
+    if rec.state == deploys.CANCELLED:
+        return f"deploy #{rec.id} cancelled: {error}"
+    return f"deploy #{rec.id} {rec.state} before the cancel took effect: {error or rec.image_ref}"
+
+
 def help_lines(port: str) -> list[str]:
     """What a key can do over SSH."""
     return [
@@ -151,10 +198,18 @@ def help_lines(port: str) -> list[str]:
         "  git push -o force astro main        deploy despite DAG import errors",
         "  git push -o pytest astro main       run tests/ before pushing the image",
         "  git push -o description=TEXT ...    record a description",
+        "  git push -o override-freeze ...     (admin keys) deploy through a freeze",
         "",
         f"  ssh -p {port} git@HOST deploys [DEPLOYMENT]   history, newest first",
         f"  ssh -p {port} git@HOST status DEPLOYMENT      what is deployed and running",
         f"  ssh -p {port} git@HOST rollback DEPLOYMENT [DEPLOY_ID]   run an earlier image again",
+        f"  ssh -p {port} git@HOST rollback DEPLOYMENT [DEPLOY_ID] --freeze [--reason TEXT]",
+        "                                             ... and freeze it in the same step",
+        f"  ssh -p {port} git@HOST promote SOURCE TARGET [DEPLOY_ID]   SOURCE's image to TARGET",
+        f"  ssh -p {port} git@HOST freeze DEPLOYMENT [--until TIME] --reason TEXT",
+        "                                             stop deploys (TIME: 2h, RFC 3339)",
+        f"  ssh -p {port} git@HOST unfreeze DEPLOYMENT    deploys again",
+        f"  ssh -p {port} git@HOST cancel DEPLOY_ID       stop a queued or running deploy",
         f"  ssh -p {port} git@HOST logs DEPLOY_ID         the log of one deploy",
         f"  ssh -p {port} git@HOST help                   this text",
     ]

@@ -352,3 +352,95 @@ def test_metrics_keys(tmp_path: Path) -> None:
     assert settings.server.metrics_listen == "127.0.0.1:9108"
     assert settings.server.metrics_token == "scrape-me"
     assert config.load(write(tmp_path, "")).server.metrics_listen == ""
+
+
+RELEASE = """
+[[deployment]]
+name = "staging"
+image = "reg.io/airflow/staging"
+
+[[deployment]]
+name = "prod"
+image = "reg.io/airflow/prod"
+promote_from = "staging"
+
+[[deployment.freeze_window]]
+cron = "0 16 * * 5"
+duration_seconds = 230400
+timezone = "Europe/Berlin"
+
+[[deployment.freeze_window]]
+cron = "0 0 24 12 *"
+duration_seconds = 86400
+"""
+
+
+def test_promote_from_and_freeze_windows(tmp_path: Path) -> None:
+    path = write(tmp_path, RELEASE)
+    shown = _check_config("check-config", "--config", str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert "  takes promotions from staging only\n" in shown.stdout
+    assert '  freeze window "0 16 * * 5" (Europe/Berlin, 230400 s)\n' in shown.stdout
+    settings = config.load(path)
+    prod, staging = settings.deployment("prod"), settings.deployment("staging")
+    assert prod.promote_from == "staging" and staging.promote_from is None
+    assert prod.freeze_windows == (
+        config.FreezeWindow("0 16 * * 5", 230400, "Europe/Berlin"),
+        config.FreezeWindow("0 0 24 12 *", 86400, "UTC"),
+    )
+    assert staging.freeze_windows == ()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "problem"),
+    [
+        ('promote_from = "staging"', 'promote_from = "qa"', "deployment[1].promote_from", "'qa'"),
+        (
+            'promote_from = "staging"',
+            'promote_from = "prod"',
+            "deployment[1].promote_from",
+            "another",
+        ),
+        (
+            'promote_from = "staging"',
+            'promote_from = "Prod!"',
+            "deployment[1].promote_from",
+            "valid",
+        ),
+        ('"0 16 * * 5"', '"0 16 * *"', "deployment[1].freeze_window[0].cron", "5-field cron"),
+        ('"0 16 * * 5"', '"0 16 * * 5 0"', "deployment[1].freeze_window[0].cron", "5-field"),
+        ('"0 16 * * 5"', '"61 16 * * 5"', "deployment[1].freeze_window[0].cron", "5-field"),
+        (
+            '"Europe/Berlin"',
+            '"Europe/Gotham"',
+            "deployment[1].freeze_window[0].timezone",
+            "not a time zone",
+        ),
+        (
+            "duration_seconds = 230400\n",
+            "",
+            "deployment[1].freeze_window[0].duration_seconds",
+            "required",
+        ),
+        (
+            "duration_seconds = 230400",
+            "duration_seconds = 0",
+            "deployment[1].freeze_window[0].duration_seconds",
+            "at least 1",
+        ),
+        (
+            "duration_seconds = 230400",
+            "duration_seconds = 230400\nend = 1",
+            "deployment[1].freeze_window[0].end",
+            "unknown key",
+        ),
+    ],
+)
+def test_bad_release_keys_name_the_key(
+    tmp_path: Path, old: str, new: str, key: str, problem: str
+) -> None:
+    assert old in RELEASE
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, RELEASE.replace(old, new, 1)))
+    assert info.value.key == key, info.value
+    assert problem in info.value.problem

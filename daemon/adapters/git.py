@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon import names
-from daemon.errors import DirtyWorkTree, GitError, UsageError
+from daemon.errors import DirtyWorkTree, DiskFull, GitError, UsageError
+
+NO_SPACE = "No space left on device"
 
 _ENV_SAFE = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
@@ -48,6 +51,8 @@ def _git(
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise GitError(f"git {args[0]} could not run: {exc}.") from exc
     if check and proc.returncode != 0:
+        if NO_SPACE in proc.stderr:
+            raise DiskFull(repo, f", in git {args[0]}")
         msg = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise GitError(f"git {args[0]} failed in {repo}: {msg}")
     return proc.stdout
@@ -119,7 +124,12 @@ def export(
     archive.stdout.close()
     err = archive.stderr.read().decode(errors="replace").strip()
     archive.stderr.close()
-    if archive.wait() != 0:
+    unpacked = untar.stderr.decode(errors="replace")
+    # tar reports a write cut short by a full disk as "Wrote only N of M bytes".
+    failed = archive.wait() != 0 or untar.returncode != 0
+    if failed and (NO_SPACE in err + unpacked or shutil.disk_usage(dest).free < 1 << 20):
+        raise DiskFull(dest, f", writing the files of {commit[:12]}")
+    if archive.returncode != 0:
         raise GitError(f"git archive of {commit[:12]} failed: {err or 'no message'}")
     if untar.returncode != 0:
         raise GitError(

@@ -24,8 +24,11 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
+import urllib3.exceptions
 
 from daemon.adapters import dockerfile, dockerignore
+from daemon.adapters.background import StreamCutter
+from daemon.adapters.registry import Registry
 from daemon.adapters.streams import Lines
 from daemon.config import DockerSettings, RegistrySettings
 from daemon.core.ports import (
@@ -59,6 +62,7 @@ _AUTH_PATTERNS = re.compile(
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 # The legacy builder's bookkeeping lines; kept for error tails, not shown.
 _BUILD_NOISE = re.compile(r"^( ---> |Removing intermediate container |Successfully built )")
+_RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})$")
 
 Line = Callable[[str], None]
 
@@ -101,20 +105,32 @@ class Images:
             raise DeploydError(f"the Docker Engine refused a request: {_short(exc)}") from exc
 
     @contextlib.contextmanager
-    def _stream_client(self, stop: threading.Event | None) -> Iterator[docker.APIClient]:
+    def _stream_client(
+        self, stop: threading.Event | None, on_cut: Callable[[], None] | None = None
+    ) -> Iterator[docker.APIClient]:
         """A client of its own for one long stream (requests sessions are not shared
-        between threads); an error after `stop` was set reads as Cancelled."""
+        between threads). When `stop` is set its streams are cut (then `on_cut` runs),
+        and an error after that reads as Cancelled."""
         try:
             client = docker.APIClient(base_url=self.host, version=API_VERSION, timeout=300)
         except docker.errors.DockerException as exc:
             raise self._unreachable(exc) from exc
+        cutter = StreamCutter(client, stop, on_cut) if stop is not None else None
         try:
             yield client
-        except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
+        except (
+            requests.exceptions.RequestException,
+            docker.errors.APIError,
+            urllib3.exceptions.HTTPError,  # docker-py reads the raw stream: a cut shows as this
+        ) as exc:
             if stop is not None and stop.is_set():
                 raise Cancelled("stopped: the deploy was cancelled.") from exc
+            if isinstance(exc, urllib3.exceptions.HTTPError):
+                raise self._unreachable(exc) from exc
             raise
         finally:
+            if cutter is not None:
+                cutter.close()
             client.close()
 
     def ping(self) -> None:
@@ -148,12 +164,18 @@ class Images:
         tail: deque[str] = deque(maxlen=25)
         current_step = ""
         image_id = ""
+        # The build step's container ("Running in <id>"): killed if the deploy stops,
+        # so that nothing of the build runs on, even on an Engine behind a proxy that
+        # does not pass the closed connection on.
+        running: list[str] = []
         name = dockerfile.labelled(context, labels, self.allow_remote_add)
         with (
             dockerignore.context_tar(context, name) as body,
             self._engine(),
-            self._stream_client(stop) as client,
+            self._stream_client(stop, lambda: self._kill_build_step(running)) as client,
         ):
+            if stop is not None and stop.is_set():
+                raise Cancelled("stopped: the deploy was cancelled.")
             try:
                 stream = client.build(
                     fileobj=body,
@@ -173,6 +195,8 @@ class Images:
                                 continue
                             if _STEP.match(line):
                                 current_step = line
+                            elif m := _RUNNING_IN.match(line):
+                                running[:] = [m.group(1)]
                             tail.append(line)
                             if not _BUILD_NOISE.match(line):
                                 on_line(line)
@@ -193,6 +217,20 @@ class Images:
         if not image_id:
             image_id = str(self.api.inspect_image(tag)["Id"])
         return image_id
+
+    def _kill_build_step(self, running: list[str]) -> None:
+        """Remove the container of the build step that runs now, if any (the build stopped)."""
+        if not running:
+            return
+        try:
+            client = docker.APIClient(base_url=self.host, version=API_VERSION, timeout=30)
+        except docker.errors.DockerException:
+            return
+        with (
+            client,
+            contextlib.suppress(docker.errors.APIError, requests.exceptions.RequestException),
+        ):
+            client.remove_container(running[0], force=True)
 
     def workdir(self, image: str) -> str:
         """The image's WORKDIR (where an Astro image keeps the project), or /usr/local/airflow."""
@@ -317,7 +355,8 @@ class Images:
                     self.api.kill(cid)
                 break
             try:
-                result = self.api.wait(cid, timeout=min(left, 1.0))
+                # Short waits: a stopped deploy's container is killed within a quarter second.
+                result = self.api.wait(cid, timeout=min(left, 0.25))
                 exit_code = int(result.get("StatusCode", -1))
                 break
             except requests.exceptions.ReadTimeout:
@@ -488,6 +527,23 @@ class Images:
             except docker.errors.APIError as exc:
                 log.info("kept image %s: %s", img["Id"][:19], _short(exc))
         return removed
+
+    def retag(
+        self,
+        source: str,
+        digest: str,
+        target: str,
+        tag: str,
+        on_line: Line,
+        stop: threading.Event | None = None,
+    ) -> str:
+        """Tag `source@digest` as `target:tag` in the registry itself; return the digest.
+
+        Across repositories the layers are mounted registry-side (adapters/registry.py):
+        nothing is pulled to, or pushed from, the Engine.
+        """
+        with Registry(self.registry, backoff=self.push_backoff) as registry:
+            return registry.copy(source, digest, target, tag, on_line, stop)
 
 
 class _TransientPush(Exception):

@@ -4,26 +4,39 @@ WAL mode, so readers (the CLI, the HTTP API) never block the writer. Every
 state change is a compare-and-set (`UPDATE ... WHERE state = ?`) written
 before the action it announces, so after a crash the records tell what was in
 flight and in which step.
+
+Reads go through a connection of their own: in WAL mode a read never waits
+for a writer, so while another process holds the database (an operator's
+`sqlite3` session in `BEGIN IMMEDIATE`) and a write of ours waits for it,
+reads (the event loop's) are still answered at once.
+
+A write that finds the disk full gives up the room kept for that
+(adapters/reserve.py) and is tried once more; then it raises DiskFull.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import sqlite_utils
 
 from daemon.adapters.migrations import MIGRATIONS
+from daemon.adapters.reserve import Reserve, disk_full
 from daemon.core import deploys
 from daemon.core.deploys import Deploy, DeployEvent, LogLine, Options, StepRecord, TargetState
+from daemon.errors import DiskFull
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def now() -> float:
@@ -41,11 +54,54 @@ def private(state_dir: Path) -> None:
         state_dir.chmod(0o700)
 
 
+def _writes(method: F) -> F:
+    """A write that finds the disk full: give up the reserve and try once more, else DiskFull.
+
+    Only the outermost write does so: one inside a caller's transaction passes the
+    error on (SQLite may have rolled the whole transaction back).
+    """
+    return _on_full_disk(method, use_reserve=True)
+
+
+def _refused_when_full(method: F) -> F:
+    """A write that starts something new: on a full disk, DiskFull (the reserve is kept
+    for the outcomes of what is under way)."""
+    return _on_full_disk(method, use_reserve=False)
+
+
+def _on_full_disk(method: F, *, use_reserve: bool) -> F:
+    @functools.wraps(method)
+    def wrapper(self: Records, *args: Any, **kwargs: Any) -> Any:
+        depth = getattr(self._nesting, "depth", 0)
+        self._nesting.depth = depth + 1
+        try:
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if depth or not disk_full(exc):
+                    raise
+                if not (use_reserve and self.reserve.release()):
+                    raise DiskFull(self.path.parent, ", writing deployd.db") from exc
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if disk_full(exc):
+                    raise DiskFull(self.path.parent, ", writing deployd.db") from exc
+                raise
+        finally:
+            self._nesting.depth = depth
+
+    return cast(F, wrapper)
+
+
 class Records:
     """The deploy records of one state_dir. Safe to share between threads."""
 
     def __init__(self, path: Path) -> None:
         private(path.parent)
+        self.path = path
+        self.reserve = Reserve(path.with_name(path.name + ".reserve"))
+        self._nesting = threading.local()
         conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
@@ -62,15 +118,24 @@ class Records:
                 (path.parent / name).chmod(0o600)  # made before this version, or under 022
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("PRAGMA foreign_keys = ON")
+        self._reader = sqlite3.connect(
+            str(path), timeout=30, check_same_thread=False, isolation_level=None
+        )
+        self._reader.execute("PRAGMA query_only = ON")
+        self._read_lock = threading.RLock()
+        self.reserve.keep()
 
-    def _rows(self, sql: str, args: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        """Run a read and fetch every row, holding the lock.
+    def _rows(
+        self, sql: str, args: list[Any] | tuple[Any, ...] = (), *, writer: bool = False
+    ) -> list[dict[str, Any]]:
+        """Run a read and fetch every row.
 
-        One connection serves every thread; a read must not interleave with
-        another thread's transaction (sqlite-utils' query() even opens a savepoint).
+        On the read connection (under its own lock), unless `writer`: a read
+        inside one of our write transactions must see that transaction.
         """
-        with self._lock:
-            cur = self.db.conn.execute(sql, list(args))
+        conn, lock = (self.db.conn, self._lock) if writer else (self._reader, self._read_lock)
+        with lock:
+            cur = conn.execute(sql, list(args))
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
@@ -78,24 +143,34 @@ class Records:
         """A read-only query of the records' own (for aggregates: daemon/metrics.py)."""
         return self._rows(sql, args)
 
+    def write(self, sql: str, args: list[Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One write statement of the records' own, in a transaction of its own, with its
+        RETURNING rows (for tables kept by another module: adapters/freezes.py)."""
+        with self._atomic():
+            return [tuple(row) for row in self.db.conn.execute(sql, list(args)).fetchall()]
+
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:
         """One read transaction: every read inside sees the records as of the first one."""
-        with self._lock:
-            self.db.conn.execute("BEGIN")
+        with self._read_lock:
+            self._reader.execute("BEGIN")
             try:
                 yield
             finally:
-                self.db.conn.execute("COMMIT")
+                self._reader.execute("COMMIT")
 
-    def _one(self, sql: str, args: list[Any] | tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
-        """Run a read and fetch its first row, holding the lock."""
-        with self._lock:
-            row = self.db.conn.execute(sql, list(args)).fetchone()
+    def _one(
+        self, sql: str, args: list[Any] | tuple[Any, ...] = (), *, writer: bool = False
+    ) -> tuple[Any, ...] | None:
+        """Run a read and fetch its first row (on the read connection unless `writer`)."""
+        conn, lock = (self.db.conn, self._lock) if writer else (self._reader, self._read_lock)
+        with lock:
+            row = conn.execute(sql, list(args)).fetchone()
             return tuple(row) if row is not None else None
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
+        self._reader.close()
         self.db.conn.close()
 
     def migrate(self) -> int:
@@ -107,7 +182,7 @@ class Records:
                     "CREATE TABLE IF NOT EXISTS schema_migrations "
                     "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
                 )
-                row = self._one("SELECT MAX(version) FROM schema_migrations")
+                row = self._one("SELECT MAX(version) FROM schema_migrations", writer=True)
                 assert row is not None
                 current = row[0] or 0
                 for version in range(current + 1, len(MIGRATIONS) + 1):
@@ -115,9 +190,14 @@ class Records:
                     self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", [version, now()])
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
             return len(MIGRATIONS)
+
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if SQLite has not already (a full disk may)."""
+        if self.db.conn.in_transaction:
+            self.db.execute("ROLLBACK")
 
     def schema_version(self) -> int:
         """The newest migration applied."""
@@ -127,6 +207,7 @@ class Records:
 
     # -- deploys -------------------------------------------------------------
 
+    @_refused_when_full
     def create_deploy(
         self,
         *,
@@ -140,8 +221,16 @@ class Records:
         commit: str | None = None,
         description: str = "",
         rollback_of: int | None = None,
+        promoted_from: str | None = None,
+        promoted_from_id: int | None = None,
     ) -> int:
-        """Record a new deploy in state `queued` and return its id."""
+        """Record a new deploy in state `queued` and return its id.
+
+        Refused (DiskFull) without room to keep the reserve: what is left is for
+        recording the outcomes of the deploys under way.
+        """
+        if not self.reserve.keep():
+            raise DiskFull(self.path.parent, ", too little left to record a deploy")
         row = {
             "deployment": deployment,
             "state": deploys.QUEUED,
@@ -156,9 +245,12 @@ class Records:
                     "force": options.force,
                     "pytest": options.pytest,
                     "allow_dirty": options.allow_dirty,
+                    "override_freeze": options.override_freeze,
                 }
             ),
             "rollback_of": rollback_of,
+            "promoted_from": promoted_from,
+            "promoted_from_id": promoted_from_id,
             "pid": pid,
             "created_at": now(),
         }
@@ -173,6 +265,7 @@ class Records:
 
     # -- webhook deliveries --------------------------------------------------
 
+    @_refused_when_full
     def record_delivery(
         self,
         hook_id: str,
@@ -215,7 +308,7 @@ class Records:
                 )
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
             return True, status, answer, ids
 
@@ -230,6 +323,7 @@ class Records:
         assert row is not None
         return False, int(row[0]), json.loads(row[1]), json.loads(row[2])
 
+    @_writes
     def supersede_queued(self, deployment: str, trigger: str, newer: int) -> int:
         """Mark `superseded` the deploys of `deployment` by `trigger` queued before `newer`."""
         with self._atomic():
@@ -257,6 +351,48 @@ class Records:
         row = self._one("SELECT state FROM deploys WHERE id = ?", [deploy_id])
         return str(row[0]) if row else None
 
+    @_writes
+    def request_cancel(self, deploy_id: int, by: str) -> str | None:
+        """Ask for deploy `deploy_id` to be cancelled, on behalf of `by`.
+
+        Compare-and-set on a state that is not final: a queued deploy is recorded
+        `cancelled` at once (whoever waits for the lock sees it leave the queue); a
+        running one gets `cancelled_by`, which the process running it polls
+        (cancel_requested) and acts on. Returns the state it was asked in (queued or
+        running), or None if it had ended or a cancel was already asked.
+        """
+        with self._atomic():
+            cur = self.db.execute(
+                "UPDATE deploys SET state = ?, cancelled_by = ?, error = ?, finished_at = ? "
+                "WHERE id = ? AND state = ?",
+                [
+                    deploys.CANCELLED,
+                    by,
+                    f"cancelled by {by} while queued",
+                    now(),
+                    deploy_id,
+                    deploys.QUEUED,
+                ],
+            )
+            if cur.rowcount == 1:
+                self._announce([deploy_id], deploys.CANCELLED)
+                return deploys.QUEUED
+            cur = self.db.execute(
+                "UPDATE deploys SET cancelled_by = ? "
+                "WHERE id = ? AND state = ? AND cancelled_by IS NULL",
+                [by, deploy_id, deploys.RUNNING],
+            )
+            return deploys.RUNNING if cur.rowcount == 1 else None
+
+    def cancel_requested(self, deploy_id: int) -> str | None:
+        """Who asked for running deploy `deploy_id` to be cancelled, if anyone (cheap: by id,
+        on the read connection; the running process polls it)."""
+        row = self._one(
+            "SELECT cancelled_by FROM deploys WHERE id = ? AND state = ?",
+            [deploy_id, deploys.RUNNING],
+        )
+        return str(row[0]) if row and row[0] else None
+
     def newer_queued(self, deployment: str, deploy_id: int, trigger: str) -> int | None:
         """The newest deploy of `deployment` by `trigger` queued after `deploy_id`, if any."""
         row = self._one(
@@ -266,6 +402,7 @@ class Records:
         )
         return int(row[0]) if row and row[0] else None
 
+    @_writes
     def transition(self, deploy_id: int, current: str, new: str, **fields: Any) -> bool:
         """Move a deploy from `current` to `new` (compare-and-set); False if it was not there."""
         deploys.check_transition(current, new)
@@ -295,8 +432,9 @@ class Records:
                 try:
                     yield
                 except BaseException:
-                    self.db.execute("ROLLBACK TO atomic")
-                    self.db.execute("RELEASE atomic")
+                    if self.db.conn.in_transaction:  # else SQLite rolled it all back
+                        self.db.execute("ROLLBACK TO atomic")
+                        self.db.execute("RELEASE atomic")
                     raise
                 self.db.execute("RELEASE atomic")
                 return
@@ -304,7 +442,7 @@ class Records:
             try:
                 yield
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self.db.execute("COMMIT")
 
@@ -318,6 +456,7 @@ class Records:
                 [event, now(), deploy_id],
             )
 
+    @_writes
     def update(self, deploy_id: int, **fields: Any) -> None:
         """Set facts on a deploy (commit, image, tag, digest, current step)."""
         with self._lock:
@@ -391,6 +530,7 @@ class Records:
                 force=bool(options.get("force")),
                 pytest=bool(options.get("pytest")),
                 allow_dirty=bool(options.get("allow_dirty")),
+                override_freeze=bool(options.get("override_freeze")),
             ),
             image=row["image"],
             tag=row["tag"],
@@ -399,6 +539,9 @@ class Records:
             pid=row["pid"],
             error=row["error"],
             rollback_of=row["rollback_of"],
+            promoted_from=row["promoted_from"],
+            promoted_from_id=row["promoted_from_id"],
+            cancelled_by=row["cancelled_by"],
             report=json.loads(row["report"]) if row["report"] else None,
             created_at=row["created_at"],
             started_at=row["started_at"],
@@ -408,6 +551,7 @@ class Records:
 
     # -- steps ---------------------------------------------------------------
 
+    @_writes
     def plan_steps(self, deploy_id: int, steps: list[tuple[str, str]]) -> None:
         """Write the planned steps: (name, skip reason or '') in order."""
         with self._lock:
@@ -425,6 +569,7 @@ class Records:
                 replace=True,
             )
 
+    @_writes
     def step_started(self, deploy_id: int, name: str) -> None:
         """Mark a step running (and the deploy's current step) before it acts."""
         with self._lock:
@@ -435,6 +580,7 @@ class Records:
             )
             self.db.execute("UPDATE deploys SET step = ? WHERE id = ?", [name, deploy_id])
 
+    @_writes
     def step_finished(self, deploy_id: int, name: str, state: str, summary: str) -> None:
         """Mark a step succeeded, failed, cancelled or interrupted, with a one-line summary."""
         with self._lock:
@@ -457,6 +603,7 @@ class Records:
 
     # -- artifacts (JUnit XML, ...) ------------------------------------------
 
+    @_writes
     def put_artifact(self, deploy_id: int, name: str, content: str) -> None:
         """Keep a file with the deploy (capped at MAX_ARTIFACT characters)."""
         with self._lock:
@@ -479,6 +626,7 @@ class Records:
 
     # -- log -----------------------------------------------------------------
 
+    @_writes
     def append_log(self, deploy_id: int, step: str | None, lines: list[str]) -> list[LogLine]:
         """Store log lines of a deploy; return them as stored (with their ids)."""
         ts = now()
@@ -558,7 +706,7 @@ class Records:
             )
             if cur.rowcount != 1:
                 return None
-            row = self._rows("SELECT * FROM notify_targets WHERE target = ?", [name])[0]
+            [row] = self._rows("SELECT * FROM notify_targets WHERE target = ?", [name], writer=True)
         return TargetState(
             row["target"], row["cursor"], row["attempts"] or 0, row["next_at"], row["last_error"]
         )

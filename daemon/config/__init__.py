@@ -22,6 +22,7 @@ from daemon.config.settings import (
     NOTIFY_TYPES,
     Deployment,
     DockerSettings,
+    FreezeWindow,
     GitHubSettings,
     Key,
     KubernetesSettings,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_TAG_TEMPLATE",
     "Deployment",
     "DockerSettings",
+    "FreezeWindow",
     "GitHubSettings",
     "Key",
     "KubernetesSettings",
@@ -98,6 +100,14 @@ def parse(data: dict[str, Any], *, base: Path, path: Path) -> Settings:
         if dep.name in seen:
             raise ConfigError(f"deployment[{i}].name", f"duplicate deployment name {dep.name!r}.")
         seen.add(dep.name)
+    for i, dep in enumerate(deployments):
+        if dep.promote_from is not None and (
+            dep.promote_from == dep.name or dep.promote_from not in seen
+        ):
+            raise ConfigError(
+                f"deployment[{i}].promote_from",
+                f"must name another deployment, not {dep.promote_from!r}.",
+            )
     keys = tuple(_key(t, seen) for t in top.tables("key"))
     key_names: set[str] = set()
     for i, key in enumerate(keys):
@@ -216,6 +226,8 @@ def _deployment(t: Table) -> Deployment:
         import_timeout_seconds=t.seconds("import_timeout_seconds", 30),
         integrity_test=t.get_str("integrity_test", "auto", check=v.one_of(INTEGRITY_MODES)),
         keep_images=t.get_int("keep_images", 10, minimum=1),
+        promote_from=t.opt_str("promote_from", check=names.deployment_name),
+        freeze_windows=tuple(_freeze_window(w) for w in t.tables("freeze_window")),
     )
     t.done()
     if fetch_key_file is not None and fetch_token is not None:
@@ -228,6 +240,18 @@ def _deployment(t: Table) -> Deployment:
             "github_repo is set, so webhook deploys need fetch_url to fetch their commit from.",
         )
     return dep
+
+
+def _freeze_window(t: Table) -> FreezeWindow:
+    if "duration_seconds" not in t.data:
+        raise ConfigError(f"{t.where}.duration_seconds", "is required but missing.")
+    window = FreezeWindow(
+        cron=t.get_str("cron", None, check=v.cron),
+        duration_seconds=t.seconds("duration_seconds", 1),
+        timezone=t.get_str("timezone", "UTC", check=v.timezone),
+    )
+    t.done()
+    return window
 
 
 def _key(t: Table, deployments: set[str]) -> Key:

@@ -81,6 +81,19 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class FreezeWindow:
+    """[[deployment.freeze_window]]: a scheduled freeze, from each `cron` start for
+    `duration_seconds`, the cron read in `timezone` (IANA name)."""
+
+    cron: str
+    duration_seconds: int
+    timezone: str = "UTC"
+
+    def __str__(self) -> str:
+        return f'freeze window "{self.cron}" ({self.timezone}, {self.duration_seconds} s)'
+
+
+@dataclass(frozen=True)
 class Deployment:
     """[[deployment]]: one deploy target (an SSH repository, an image, workloads)."""
 
@@ -105,6 +118,9 @@ class Deployment:
     import_timeout_seconds: int = 30
     integrity_test: str = "auto"
     keep_images: int = 10
+    # Promotion is the only way in: from this deployment (`deployd promote NAME this`).
+    promote_from: str | None = None
+    freeze_windows: tuple[FreezeWindow, ...] = ()
 
 
 @dataclass(frozen=True)

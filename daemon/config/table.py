@@ -232,6 +232,28 @@ def public_key(value: str) -> None:
         raise ConfigError("", "is not an OpenSSH public key line (e.g. 'ssh-ed25519 AAAA...').")
 
 
+def cron(value: str) -> None:
+    """A 5-field cron expression (minute hour day-of-month month day-of-week)."""
+    from croniter import croniter
+
+    if len(value.split()) != 5 or not croniter.is_valid(value):
+        raise ConfigError(
+            "", f'{value!r} is not a 5-field cron expression (e.g. "0 16 * * 5": Fridays 16:00).'
+        )
+
+
+def timezone(value: str) -> None:
+    """An IANA time zone name that this host knows (zoneinfo)."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(
+            "", f"{value!r} is not a time zone this host knows (an IANA name: Europe/Berlin)."
+        ) from exc
+
+
 def one_of(choices: tuple[str, ...]) -> Callable[[str], None]:
     def check(value: str) -> None:
         if value not in choices:

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from daemon.adapters.records import Records
 from daemon.config import Deployment, Settings
@@ -19,6 +19,8 @@ from daemon.core.ports import Cluster, Engine
 
 if TYPE_CHECKING:
     from daemon.adapters.kubernetes.plan import Target
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,15 @@ class DeployRequest:
     fetch: bool = False
     # A rollback: the successful deploy whose image runs again (nothing is built).
     rollback_to: Deploy | None = None
+    # A promotion: another deployment's successful deploy whose image this one gets.
+    promote_from: Deploy | None = None
 
     @property
     def action(self) -> str:
-        """What the deploy does (deploys.DEPLOY, ROLLBACK)."""
-        return deploys.ROLLBACK if self.rollback_to is not None else deploys.DEPLOY
+        """What the deploy does (deploys.DEPLOY, ROLLBACK, PROMOTION)."""
+        if self.rollback_to is not None:
+            return deploys.ROLLBACK
+        return deploys.PROMOTION if self.promote_from is not None else deploys.DEPLOY
 
     @property
     def policy(self) -> Policy:
@@ -98,6 +104,11 @@ class DeployContext:
     report: dict[str, Any] | None = None
     # The deployment's last successful deploy when this one started.
     previous: Deploy | None = None
+    # The step under way (the pipeline sets it), and who asked for a cancel of this
+    # deploy once its process has seen the request (core/cancel.py).
+    step: str = ""
+    cancelled_by: str | None = None
+    cancel_asked: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def airflow_version(self) -> str | None:
@@ -127,3 +138,7 @@ class DeployContext:
     def say(self, line: str, step: str | None = None) -> None:
         """Write a line to this deploy's log."""
         self.log.write(line, step)
+
+    async def record(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a Records call for this deploy: off the event loop, after its log lines so far."""
+        return await self.log.record(fn, *args, **kwargs)

@@ -61,6 +61,8 @@ class Options:
     pytest: bool = False
     description: str = ""
     allow_dirty: bool = False
+    # An admin's push through a freeze (`git push -o override-freeze`), recorded.
+    override_freeze: bool = False
 
 
 # Where a deploy came from, and what it does (two fields, one meaning each).
@@ -179,11 +181,28 @@ class PlannedStep:
 
 
 def plan(
-    deployment: Deployment, options: Options, rollback_to: int | None = None
+    deployment: Deployment,
+    options: Options,
+    rollback_to: int | None = None,
+    promoted_from: tuple[str, int] | None = None,
 ) -> tuple[PlannedStep, ...]:
-    """Decide which steps a deploy runs; the order is STEPS."""
+    """Decide which steps a deploy runs; the order is STEPS.
+
+    A promotion (`promoted_from`: the source deployment and its deploy) builds and
+    checks nothing: its push step tags the source's image, by digest, in this
+    deployment's repository.
+    """
     wants_pytest = options.pytest or deployment.pytest
     no_workloads = "" if deployment.workloads else "skipped: no workloads"
+    if promoted_from is not None:
+        source, source_id = promoted_from
+        reused = f"skipped: the image of {source}'s deploy #{source_id}, checked there"
+        return (
+            PlannedStep("preflight", no_workloads),
+            *(PlannedStep(name, reused) for name in ("checkout", "build", "parse", "pytest")),
+            PlannedStep("push"),
+            PlannedStep("roll", no_workloads),
+        )
     if rollback_to is not None:
         reused = f"skipped: rollback to the image of deploy #{rollback_to}"
         return (

@@ -6,16 +6,25 @@ push) and handed to live subscribers (followers in this process: see
 core/usecases.follow_log).
 Floods are capped per step so that a build or test that prints megabytes
 floods nobody: the first lines and the last lines are kept.
+
+Lines are stored on a thread of the log's own, in order, and so are the
+deploy's other record changes (`record`): a line written before a state
+change is stored before it, and nobody waits for SQLite, which another writer
+(an operator's `sqlite3` session) may hold for seconds. The sink sees each
+line at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from daemon.adapters.records import Records
 from daemon.core.deploys import LogLine
@@ -28,6 +37,7 @@ HEAD_LINES = 1500
 TAIL_LINES = 200
 
 Sink = Callable[[str], None]
+T = TypeVar("T")
 
 
 class DeployLog:
@@ -44,6 +54,8 @@ class DeployLog:
         self._counts: dict[str, int] = {}
         self._tails: dict[str, deque[str]] = {}
         self._closed = False
+        self._unstored = 0  # lines the records refused (a full disk): warned about once
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"deploy-{deploy_id}-records")
 
     def subscribe(self) -> asyncio.Queue[LogLine | None]:
         """A queue that receives every later line, then None when the log closes."""
@@ -82,17 +94,46 @@ class DeployLog:
                 self._emit(line, step)
 
     def _emit(self, line: str, step: str | None) -> None:
-        stored = self.records.append_log(self.deploy_id, step, [line])
         if self.sink is not None:
             with contextlib.suppress(Exception):
                 self.sink(line)
-        for loop, queue in self._subscribers:
+        with contextlib.suppress(RuntimeError):  # closed: an abandoned step's late output
+            self._writer.submit(self._store, line, step)
+
+    def _store(self, line: str, step: str | None) -> None:
+        """On the writer thread: store one line, then hand it to the subscribers."""
+        try:
+            stored = self.records.append_log(self.deploy_id, step, [line])
+        except Exception as exc:  # the line was shown; the deploy's outcome is what matters
+            self._unstored += 1
+            if self._unstored == 1:
+                log.warning("deploy #%s: log lines are not being stored: %s", self.deploy_id, exc)
+            return
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for loop, queue in subscribers:
             for row in stored:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(queue.put_nowait, row)
 
+    async def record(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a Records call on the log's thread, after every line written before it.
+
+        Once submitted it completes even if the caller is cancelled meanwhile.
+        """
+        future = self._writer.submit(functools.partial(fn, *args, **kwargs))
+        return await asyncio.shield(asyncio.wrap_future(future))
+
+    def flush(self) -> None:
+        """Wait (blocking) until every line written so far is stored."""
+        self._writer.submit(lambda: None).result()
+
     def close(self) -> None:
-        """Tell subscribers the stream has ended."""
+        """Tell subscribers the stream has ended (after its last line is stored)."""
+        self._writer.submit(self._end)
+        self._writer.shutdown(wait=False)
+
+    def _end(self) -> None:
         with self._lock:
             self._closed = True
             for loop, queue in self._subscribers:

@@ -6,13 +6,22 @@
 Every transition is written before the action it announces. Whatever the
 outcome, the work dir and the check containers are removed and the lock is
 released; old local images beyond `keep_images` are pruned. What differs by
-where a deploy came from is asked of its policy (core/policy.py).
+where a deploy came from is asked of its policy (core/policy.py), also what
+a freeze does to it: webhook deploys wait for the freeze to end (queued, but
+outside the lock's queue, so that rollbacks run meanwhile); other deploys and
+promotions are refused at their turn; rollbacks run. A promotion builds
+nothing: its push step tags the source's image in this deployment's repository.
+
+The event loop never waits for SQLite (another process may hold it for
+seconds): a deploy's record changes go through its log's writer thread
+(`ctx.record`), in order with its log lines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -21,23 +30,26 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from daemon.adapters import git, repos
+from daemon.adapters import freezes, git, repos
 from daemon.adapters.locks import DeploymentLock
-from daemon.core import deploys
+from daemon.core import cancel, deploys
 from daemon.core.context import DeployContext, DeployRequest, Services
 from daemon.core.deploys import Deploy
+from daemon.core.freezes import Freeze, describe
 from daemon.core.logs import DeployLog, Sink
-from daemon.core.policy import Branch, Lifecycle
-from daemon.core.ports import LABEL_DEPLOY_ID
+from daemon.core.policy import Branch, Frozen, Lifecycle
+from daemon.core.ports import LABEL_DEPLOY_ID, LABEL_DEPLOYMENT
 from daemon.core.recovery import reconcile_roll, recover, work_root
-from daemon.errors import DeploydError, StepFailed
+from daemon.errors import EXIT_USAGE, Cancelled, DeploydError, DiskFull, StepFailed
 from daemon.printable import printable
-from daemon.steps import build, checkout, push, roll
+from daemon.steps import build, checkout, promote, push, roll
 from daemon.steps.checks import parse, pytest
 
 log = logging.getLogger(__name__)
 
 HOLD_LOCK_SECONDS = 60
+# How often a webhook deploy waiting out a freeze reads the freezes table.
+FREEZE_POLL_SECONDS = 1.0
 # Told about every deploy that starts running ("running") and every deploy that
 # ends ("finished"), with its record; must return at once (commit statuses).
 Observer = Callable[[str, Deploy], None]
@@ -74,6 +86,8 @@ def queued_fields(request: DeployRequest) -> dict[str, object]:
         "commit": request.commit,
         "description": printable(request.options.description or request.subject),
         "rollback_of": request.rollback_to.id if request.rollback_to else None,
+        "promoted_from": request.promote_from.deployment if request.promote_from else None,
+        "promoted_from_id": request.promote_from.id if request.promote_from else None,
     }
 
 
@@ -99,13 +113,19 @@ class Pipeline:
     ) -> DeployOutcome:
         """Queue (unless `deploy_id` is already queued), wait for the lock, run, record."""
         if deploy_id is None:
-            deploy_id = self.enqueue(request)
+            deploy_id = await asyncio.to_thread(self.enqueue, request)
         try:
             return await self._run(request, sink, deploy_id)
         except Exception as exc:
             # Before the deploy ran (once running, _run_locked records failures itself).
             error = f"internal error: {type(exc).__name__}: {exc}"
-            self.services.records.transition(deploy_id, deploys.QUEUED, deploys.FAILED, error=error)
+            await asyncio.to_thread(
+                self.services.records.transition,
+                deploy_id,
+                deploys.QUEUED,
+                deploys.FAILED,
+                error=error,
+            )
             raise
         finally:
             self._tell("finished", deploy_id)
@@ -180,20 +200,29 @@ class Pipeline:
         """Wait for the deployment's lock; False if the deploy left the queue meanwhile."""
         records = self.services.records
         resumes = request.policy.resumes_after_restart
+        waits = request.policy.frozen is Frozen.WAITS and not request.options.override_freeze
         try:
-            return await lock.acquire(
-                deploy_id,
-                on_wait=lambda ahead: dlog.write(
-                    f"       queued behind deploy #{ahead}" if ahead else "       queued"
-                ),
-                # Superseded (or otherwise ended) while it waited: leave the queue. A
-                # deploy that resumes after a restart also leaves it when the daemon
-                # stops: it stays queued and the next daemon runs it.
-                give_up=lambda: (
-                    records.state(deploy_id) != deploys.QUEUED
-                    or (self.lifecycle is not Lifecycle.SERVING and resumes)
-                ),
-            )
+            while True:
+                if waits and not await self._wait_out_freeze(request, deploy_id, dlog):
+                    return False
+                got = await lock.acquire(
+                    deploy_id,
+                    on_wait=lambda ahead: dlog.write(
+                        f"       queued behind deploy #{ahead}" if ahead else "       queued"
+                    ),
+                    # Superseded (or otherwise ended) while it waited: leave the queue. A
+                    # deploy that resumes after a restart also leaves it when the daemon
+                    # stops: it stays queued and the next daemon runs it.
+                    give_up=lambda: (
+                        records.state(deploy_id) != deploys.QUEUED
+                        or (self.lifecycle is not Lifecycle.SERVING and resumes)
+                    ),
+                )
+                if not (got and waits) or await self._freeze(request) is None:
+                    return got
+                # Frozen while it waited for the lock: it waits that out without the
+                # lock, so that the rollbacks a freeze lets run are not held up.
+                lock.release()
         except BaseException:
             if self.lifecycle is Lifecycle.INTERRUPTING and resumes:
                 dlog.write("       deployd is stopping; this deploy resumes when it starts again")
@@ -203,8 +232,42 @@ class Pipeline:
                     if self.lifecycle is Lifecycle.INTERRUPTING
                     else deploys.CANCELLED
                 )
-                records.transition(deploy_id, deploys.QUEUED, state, error=f"{state} while queued")
+                await dlog.record(
+                    records.transition,
+                    deploy_id,
+                    deploys.QUEUED,
+                    state,
+                    error=f"{state} while queued",
+                )
             raise
+
+    async def _freeze(self, request: DeployRequest) -> Freeze | None:
+        """What freezes the request's deployment now (recorded or a window), if anything."""
+        return await asyncio.to_thread(freezes.current, self.services.records, request.deployment)
+
+    async def _wait_out_freeze(
+        self, request: DeployRequest, deploy_id: int, dlog: DeployLog
+    ) -> bool:
+        """Wait, queued but outside the lock's queue, while the deployment is frozen.
+
+        The freezes table is read every FREEZE_POLL_SECONDS (an unfreeze may come
+        from another process), and at the freeze's `until`. False if the deploy left
+        the queue meanwhile (superseded, cancelled) or the daemon is stopping.
+        """
+        records = self.services.records
+        told: Freeze | None = None
+        while (freeze := await self._freeze(request)) is not None:
+            if freeze != told:
+                dlog.write(f"       {describe(freeze)}; this deploy waits for the freeze to end")
+                told = freeze
+            state = await asyncio.to_thread(records.state, deploy_id)
+            if state != deploys.QUEUED or self.lifecycle is not Lifecycle.SERVING:
+                return False
+            left = FREEZE_POLL_SECONDS if freeze.until is None else freeze.until - time.time()
+            await asyncio.sleep(max(0.01, min(FREEZE_POLL_SECONDS, left)))
+        if told is not None:
+            dlog.write(f"       {request.deployment.name} is no longer frozen; this deploy goes on")
+        return True
 
     async def _run_locked(self, ctx: DeployContext, lock: DeploymentLock) -> DeployOutcome:
         refused = await self._before_start(ctx, lock)
@@ -221,10 +284,18 @@ class Pipeline:
             ctx.request.actor,
         )
         target = ctx.request.rollback_to
-        plan = deploys.plan(dep, ctx.request.options, target.id if target else None)
-        records.plan_steps(ctx.id, [(s.name, s.skip_reason) for s in plan])
+        source = ctx.request.promote_from
+        plan = deploys.plan(
+            dep,
+            ctx.request.options,
+            target.id if target else None,
+            (source.deployment, source.id) if source else None,
+        )
+        await ctx.record(records.plan_steps, ctx.id, [(s.name, s.skip_reason) for s in plan])
         ctx.previous = records.last_succeeded(dep.name)
-        if not records.transition(ctx.id, deploys.QUEUED, deploys.RUNNING, pid=os.getpid()):
+        if not await ctx.record(
+            records.transition, ctx.id, deploys.QUEUED, deploys.RUNNING, pid=os.getpid()
+        ):
             record = self._record(ctx.id)
             if record.final:  # superseded at the last moment
                 ctx.say(f"-----> {record.state}: {record.error}")
@@ -232,33 +303,47 @@ class Pipeline:
             raise DeploydError(f"deploy #{ctx.id} was changed by someone else while queued.")
         self._tell("running", ctx.id)
         started = time.monotonic()
+        task = asyncio.current_task()
+        assert task is not None
+        # A cancel asked through the records (another process, SSH, the API) stops it.
+        watcher = asyncio.create_task(cancel.watch(ctx, task))
         try:
-            await self._execute(ctx, plan)
+            try:
+                await self._execute(ctx, plan)
+            finally:
+                watcher.cancel()
         except asyncio.CancelledError:
+            asked = cancel.asked(watcher, task)
             await self._stopped(ctx)
+            if asked:
+                await self._finish(ctx, deploys.CANCELLED, cancel.message(ctx), ctx.step or None)
+                return DeployOutcome(self._record(ctx.id), 1)
             if self.lifecycle is Lifecycle.INTERRUPTING:
                 # The step column keeps the step it was in.
-                self._finish(ctx, deploys.INTERRUPTED, "deployd shut down during the deploy", None)
+                await self._finish(
+                    ctx, deploys.INTERRUPTED, "deployd shut down during the deploy", None
+                )
             else:
-                self._finish(ctx, deploys.CANCELLED, "the deploy was cancelled", None)
+                await self._finish(ctx, deploys.CANCELLED, "the deploy was cancelled", None)
             raise
         except StepFailed as exc:
             await self._stopped(ctx)
             if not isinstance(exc.cause, DeploydError):
                 log.error("deploy #%s failed with an internal error", ctx.id, exc_info=exc.cause)
-            self._finish(ctx, exc.final_state, exc.message, exc.step)
+            await self._finish(ctx, exc.final_state, exc.message, exc.step)
             return DeployOutcome(self._record(ctx.id), exc.exit_code)
         except Exception as exc:  # between steps: a bug, recorded as one
             await self._stopped(ctx)
             log.exception("deploy #%s failed with an internal error", ctx.id)
-            self._finish(ctx, deploys.FAILED, f"internal error: {type(exc).__name__}: {exc}", None)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            await self._finish(ctx, deploys.FAILED, error, None)
             return DeployOutcome(self._record(ctx.id), 1)
         ctx.say(
             f"-----> deployed {dep.image}:{ctx.tag} ({ctx.digest}) as deploy #{ctx.id} "
             f"in {time.monotonic() - started:.1f} s"
         )
         # Recorded the moment it is true; the server branch follows (still under the lock).
-        records.transition(ctx.id, deploys.RUNNING, deploys.SUCCEEDED, step=None)
+        await ctx.record(records.transition, ctx.id, deploys.RUNNING, deploys.SUCCEEDED, step=None)
         log.info("deploy #%s of %s succeeded: %s:%s", ctx.id, dep.name, dep.image, ctx.tag)
         if ctx.request.policy.branch is Branch.DEPLOYD:
             await self._move_branch(ctx)
@@ -279,12 +364,25 @@ class Pipeline:
             if newer is not None:
                 why = f"superseded by deploy #{newer}, a newer push waiting for its turn"
                 ctx.say(f"-----> {why}")
-                records.transition(ctx.id, deploys.QUEUED, deploys.SUPERSEDED, error=why)
+                await ctx.record(
+                    records.transition, ctx.id, deploys.QUEUED, deploys.SUPERSEDED, error=why
+                )
                 return DeployOutcome(self._record(ctx.id), 1)
+        if ctx.request.policy.frozen is Frozen.REFUSED and not ctx.request.options.override_freeze:
+            freeze = await self._freeze(ctx.request)
+            if freeze is not None:
+                why = f"{describe(freeze)}. Nothing was deployed."
+                ctx.say(f"-----> refused: {why}")
+                await ctx.record(
+                    records.transition, ctx.id, deploys.QUEUED, deploys.CANCELLED, error=why
+                )
+                return DeployOutcome(self._record(ctx.id), EXIT_USAGE)
         moved = await asyncio.to_thread(self._ref_moved, ctx)
         if moved:
             ctx.say(f"-----> refused: {moved}")
-            records.transition(ctx.id, deploys.QUEUED, deploys.CANCELLED, error=moved)
+            await ctx.record(
+                records.transition, ctx.id, deploys.QUEUED, deploys.CANCELLED, error=moved
+            )
             return DeployOutcome(self._record(ctx.id), 1)
         return None
 
@@ -335,7 +433,8 @@ class Pipeline:
         if target is not None:
             ctx.tag, ctx.digest = target.tag or "", target.digest or ""
             ctx.tree, ctx.report = target.tree or "", target.report
-            self.services.records.update(
+            await ctx.record(
+                self.services.records.update,
                 ctx.id,
                 image=target.image,
                 tag=ctx.tag,
@@ -345,38 +444,56 @@ class Pipeline:
             )
             await self._step(ctx, "roll")
             return
+        if ctx.request.promote_from is not None:
+            await promote.adopt(ctx)
+            await self._step(ctx, "push", run=promote.run)
+            if "roll" in runs:
+                await self._step(ctx, "roll")
+            return
         await self._step(ctx, "checkout")
         await self._step(ctx, "build")
         # The upload overlaps the checks; the deploy tag waits for them.
-        self.services.records.step_started(ctx.id, "push")
+        await ctx.record(self.services.records.step_started, ctx.id, "push")
         ctx.upload = asyncio.create_task(push.upload(ctx))
         await self._step(ctx, "parse")
         if "pytest" in runs:
             await self._step(ctx, "pytest")
-        self.services.records.update(ctx.id, step="push")
+        await ctx.record(self.services.records.update, ctx.id, step="push")
         await self._step(ctx, "push", already_started=True)
         if "roll" in runs:
             await self._step(ctx, "roll")
 
-    async def _step(self, ctx: DeployContext, name: str, already_started: bool = False) -> None:
+    async def _step(
+        self,
+        ctx: DeployContext,
+        name: str,
+        already_started: bool = False,
+        run: StepFn | None = None,
+    ) -> None:
         records = self.services.records
+        ctx.step = name  # before the first await: a cancel seen from now on is in this step
         if not already_started:
-            records.step_started(ctx.id, name)
+            await ctx.record(records.step_started, ctx.id, name)
         ctx.say(f"-----> {name}")
         t0 = time.monotonic()
         try:
-            summary = await STEP_FUNCTIONS[name](ctx)
+            summary = await (run or STEP_FUNCTIONS[name])(ctx)
         except asyncio.CancelledError:
-            records.step_finished(ctx.id, name, "cancelled", "cancelled")
+            await ctx.record(records.step_finished, ctx.id, name, "cancelled", "cancelled")
             raise
         except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                exc = DiskFull(self.services.settings.server.state_dir, f", in {name}")
+            if ctx.cancelled_by and name not in cancel.SELF_STOPPING:
+                exc = Cancelled(cancel.message(ctx))  # what it raised is the stop at work
             failed = StepFailed(name, exc)
             ctx.log.end_step(name)
-            records.step_finished(ctx.id, name, "failed", failed.message)
+            state = "cancelled" if isinstance(exc, Cancelled) else "failed"
+            await ctx.record(records.step_finished, ctx.id, name, state, failed.message)
             ctx.say(f"       {name} failed after {time.monotonic() - t0:.2f} s: {failed.message}")
             raise failed from exc
         ctx.log.end_step(name)
-        records.step_finished(ctx.id, name, "succeeded", summary)
+        await ctx.record(records.step_finished, ctx.id, name, "succeeded", summary)
         ctx.say(f"       {name} done in {time.monotonic() - t0:.2f} s: {summary}")
 
     async def _stopped(self, ctx: DeployContext) -> None:
@@ -385,22 +502,29 @@ class Pipeline:
         if ctx.upload is None:
             return
         if not ctx.upload.done():
-            ctx.upload.cancel()  # its thread is abandoned; the staging tag is not a deploy tag
+            # Its push's stream is cut (the Engine abandons the upload) and waited for.
+            ctx.upload.cancel()
         with contextlib.suppress(BaseException):
             await ctx.upload
         records = self.services.records
-        if "push" in records.running_steps(ctx.id):
-            records.step_finished(ctx.id, "push", "cancelled", "not tagged: an earlier step failed")
+        if "push" in await ctx.record(records.running_steps, ctx.id):
+            why = "not tagged: " + ("cancelled" if ctx.cancelled_by else "an earlier step failed")
+            await ctx.record(records.step_finished, ctx.id, "push", "cancelled", why)
 
-    def _finish(self, ctx: DeployContext, state: str, error: str, step: str | None) -> None:
+    async def _finish(self, ctx: DeployContext, state: str, error: str, step: str | None) -> None:
         records = self.services.records
         error = printable(error)  # it quotes build output, DAG errors, the registry
-        for name in records.running_steps(ctx.id):
-            records.step_finished(ctx.id, name, "cancelled", "stopped")
+        for name in await ctx.record(records.running_steps, ctx.id):
+            await ctx.record(records.step_finished, ctx.id, name, "cancelled", "stopped")
         ctx.say(f"-----> deploy #{ctx.id} {state}: {error}")
         log.info("deploy #%s of %s %s: %s", ctx.id, ctx.deployment.name, state, error[:200])
-        records.transition(
-            ctx.id, deploys.RUNNING, state, error=error, **({"step": step} if step else {})
+        await ctx.record(
+            records.transition,
+            ctx.id,
+            deploys.RUNNING,
+            state,
+            error=error,
+            **({"step": step} if step else {}),
         )
 
     def _cleanup(self, ctx: DeployContext) -> None:
@@ -408,7 +532,10 @@ class Pipeline:
         shutil.rmtree(ctx.workdir, ignore_errors=True)
         images = self.services.images
         try:
-            images.remove_containers({LABEL_DEPLOY_ID: str(ctx.id)})
+            # Ids are per state_dir: another deployd on this Engine has a deploy #N too.
+            images.remove_containers(
+                {LABEL_DEPLOYMENT: ctx.deployment.name, LABEL_DEPLOY_ID: str(ctx.id)}
+            )
             if ctx.image_id:
                 images.untag(ctx.deployment.image, build.build_tag(ctx))
             images.prune(ctx.deployment.name, ctx.deployment.keep_images)

@@ -20,6 +20,14 @@ class Branch(enum.Enum):
     NOBODY = "nobody"  # rollbacks: `deployd status` tells what runs
 
 
+class Frozen(enum.Enum):
+    """What a deploy does when its deployment is frozen at its turn."""
+
+    WAITS = "waits"  # webhook deploys: queued until the freeze ends, then run
+    REFUSED = "refused"  # pushes, CLI and API deploys, promotions: ended `cancelled`
+    RUNS = "runs"  # rollbacks: a freeze is what you do during an incident
+
+
 @dataclass(frozen=True)
 class Policy:
     """The rules one deploy follows because of where it came from and what it does."""
@@ -30,6 +38,7 @@ class Policy:
     # the next daemon runs it.
     resumes_after_restart: bool
     branch: Branch
+    frozen: Frozen = Frozen.REFUSED
 
 
 def policy(trigger: str, action: str) -> Policy:
@@ -37,11 +46,22 @@ def policy(trigger: str, action: str) -> Policy:
     webhook = trigger == "webhook"
     if action == deploys.ROLLBACK:
         branch = Branch.NOBODY
-    elif trigger == "ssh":
+    elif trigger == "ssh" and action == deploys.DEPLOY:
         branch = Branch.GIT
-    else:
+    else:  # promotions too: the target's branch moves to the promoted commit
         branch = Branch.DEPLOYD
-    return Policy(superseded_by_newer=webhook, resumes_after_restart=webhook, branch=branch)
+    if action == deploys.ROLLBACK:
+        frozen = Frozen.RUNS
+    elif webhook and action == deploys.DEPLOY:
+        frozen = Frozen.WAITS
+    else:
+        frozen = Frozen.REFUSED
+    return Policy(
+        superseded_by_newer=webhook,
+        resumes_after_restart=webhook,
+        branch=branch,
+        frozen=frozen,
+    )
 
 
 class Lifecycle(enum.Enum):

@@ -93,6 +93,16 @@ class Engine(Protocol):
 
     def prune(self, deployment: str, keep: int) -> list[str]: ...
 
+    def retag(
+        self,
+        source: str,
+        digest: str,
+        target: str,
+        tag: str,
+        on_line: Line,
+        stop: threading.Event | None = None,
+    ) -> str: ...
+
 
 class Cluster(Protocol):
     """One deployment's namespace on Kubernetes (async calls)."""

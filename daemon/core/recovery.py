@@ -9,6 +9,7 @@ told it is accepted, so it waits for the daemon, which resumes it at start.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -77,7 +78,15 @@ def recover(
 
 
 async def reconcile_roll(services: Services, deployment: str, deploy_id: int) -> None:
-    """After a deploy died during its roll: record what the cluster shows now."""
+    """After a deploy died during its roll: roll the cluster back, record what it shows.
+
+    An interrupted deploy keeps nothing (the push was refused, the server branch
+    did not move), so the workloads it had patched get back the pod templates
+    its roll saved before patching, rather than go on to an image nobody was
+    told is deployed.
+    """
+    from daemon.steps import roll
+
     records = services.records
     rec = records.get(deploy_id)
     if rec is None or rec.step != "roll" or rec.state != deploys.INTERRUPTED:
@@ -85,8 +94,10 @@ async def reconcile_roll(services: Services, deployment: str, deploy_id: int) ->
     dep = services.settings.deployment(deployment)
     cluster = services.cluster(dep)
     try:
+        restored, failures = await roll.undo(records, cluster, deploy_id)
         running = await cluster.running(dep)
     except DeploydError as exc:
+        restored, failures = [], []
         shows = f"the cluster could not be read ({exc.message})"
     else:
         shows = "the cluster shows " + ", ".join(
@@ -103,8 +114,15 @@ async def reconcile_roll(services: Services, deployment: str, deploy_id: int) ->
         )
     finally:
         await cluster.close()
-    records.append_log(deploy_id, "roll", [f"-----> at recovery, {shows}"])
-    records.update(deploy_id, error=f"{rec.error} At recovery, {shows}.")
+    did = []
+    if restored:
+        did.append(f"{', '.join(restored)} rolled back to what ran before")
+    if failures:
+        did.append(f"not rolled back: {'; '.join(failures)}")
+    what = "; ".join([*did, shows])
+    log.warning("deploy #%s of %s, at recovery: %s", deploy_id, deployment, what)
+    await asyncio.to_thread(records.append_log, deploy_id, "roll", [f"-----> at recovery: {what}"])
+    await asyncio.to_thread(records.update, deploy_id, error=f"{rec.error} At recovery: {what}.")
 
 
 def _clean_work_dirs(root: Path, keep: int | None) -> None:

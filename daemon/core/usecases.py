@@ -1,7 +1,11 @@
 """What deployd does for someone, once, for every surface: the CLI, SSH commands, the HTTP API.
 
     deploy_checkout   a deploy of a local repository's HEAD (`deployd deploy`)
+    admit             whether new code may be deployed now (promote_from, freezes)
     rollback          an earlier successful deploy's image again, nothing built
+    promote           another deployment's checked image, by digest, nothing built
+    freeze, unfreeze  stop and restart deploys of a deployment (rollbacks still run)
+    cancel            stop a queued or running deploy, whichever process runs it
     status            what is deployed, what is under way, what the cluster runs
     history           the newest deploys a caller may see
     follow_log        a deploy's log, live until it ends
@@ -14,21 +18,24 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.adapters import git, repos
+from daemon.adapters import freezes, git, repos
 from daemon.adapters.locks import DeploymentLock
 from daemon.adapters.records import Records
+from daemon.adapters.registry import split as split_repository
 from daemon.config import Deployment, Settings
 from daemon.core import deploys
 from daemon.core.context import DeployRequest, Services
 from daemon.core.deploys import Deploy, LogLine, Options
+from daemon.core.freezes import Freeze, check_reason, describe, parse_until, window_freeze
 from daemon.core.logs import DeployLog
 from daemon.core.recovery import recover
-from daemon.errors import DeploydError, UsageError
+from daemon.errors import DeploydError, Refusal, UsageError
 
 POLL_SECONDS = 0.2
 
@@ -45,6 +52,33 @@ def deploy_checkout(
     if not options.allow_dirty:
         git.ensure_clean(repo)
     return DeployRequest(dep, repo, head.commit, head.ref, head.subject, trigger, actor, options)
+
+
+def promotions_only(dep: Deployment) -> str:
+    """Why new code may not be deployed to `dep` but by promotion ('' if it may)."""
+    if dep.promote_from is None:
+        return ""
+    return (
+        f"{dep.name} takes promotions from {dep.promote_from}: "
+        f"deployd promote {dep.promote_from} {dep.name}"
+    )
+
+
+def admit(records: Records, dep: Deployment, options: Options, *, hint: str = "") -> None:
+    """Refuse at once (Refusal) a deploy of new code that `dep` does not take now: it takes
+    only promotions, or it is frozen (unless `options.override_freeze`, an admin's).
+
+    Pushes and `deployd deploy` ask this before they queue; a deploy queued
+    before a freeze began is refused at its turn (core/pipeline.py).
+    """
+    why = promotions_only(dep)
+    if why:
+        raise Refusal(why)
+    if options.override_freeze:
+        return
+    freeze = freezes.current(records, dep)
+    if freeze is not None:
+        raise Refusal(f"{describe(freeze)}. Nothing was deployed{hint}.")
 
 
 def local_actor() -> str:
@@ -123,6 +157,185 @@ def rollback_target(records: Records, dep: Deployment, deploy_id: int | None) ->
     raise UsageError(f"there is no earlier successful deploy of {dep.name} to roll back to.")
 
 
+# -- promotion ----------------------------------------------------------------
+
+
+def promote(
+    settings: Settings,
+    records: Records,
+    source: Deployment,
+    target: Deployment,
+    deploy_id: int | None,
+    *,
+    trigger: str,
+    actor: str,
+    force: bool = False,
+) -> DeployRequest:
+    """A promotion to `target` of the image `source` runs now (or that its deploy built).
+
+    By digest: nothing is built or checked again; the image gets a tag of
+    `target` in the registry (copied registry-side if the repositories differ).
+    The target's preflight, migration, rollout and automatic rollback run as
+    for any deploy, and its server branch moves to the promoted commit.
+    """
+    if source.name == target.name:
+        raise UsageError(f"{target.name} cannot be promoted to itself: name another deployment.")
+    if target.promote_from is not None and target.promote_from != source.name:
+        raise Refusal(
+            f"{target.name} takes promotions from {target.promote_from}, not from "
+            f"{source.name}: deployd promote {target.promote_from} {target.name}"
+        )
+    rec = promotion_source(records, source, deploy_id)
+    image = rec.image or ""
+    if split_repository(image)[0] != split_repository(target.image)[0]:
+        raise UsageError(
+            f"{source.name}'s image {image} and {target.name}'s {target.image} are on different "
+            "registries: a promotion copies the image within one registry."
+        )
+    current = records.last_succeeded(target.name)
+    now, then = (current.airflow_version if current else None), rec.airflow_version
+    if now and then and deploys.version_key(then) < deploys.version_key(now) and not force:
+        raise UsageError(
+            f"{source.name}'s deploy #{rec.id} runs Airflow {then}, {target.name} runs {now}: "
+            "its database was migrated by the newer version. Pass --force if the older "
+            "version copes."
+        )
+    freeze = freezes.current(records, target)
+    if freeze is not None:
+        raise Refusal(f"{describe(freeze)}. Nothing was promoted.")
+    description = f"promoted from {source.name} (deploy #{rec.id}): {rec.description}"
+    return DeployRequest(
+        deployment=target,
+        repo=repos.repo_path(settings.server.state_dir, source.name),
+        commit=rec.commit or "",
+        ref=f"refs/heads/{target.branch}",
+        subject=f"promotion of {source.name}'s deploy #{rec.id}",
+        trigger=trigger,
+        actor=actor,
+        options=Options(force=force, description=description[:200]),
+        promote_from=rec,
+    )
+
+
+def promotion_source(records: Records, source: Deployment, deploy_id: int | None) -> Deploy:
+    """The source deploy of a promotion: `deploy_id`, else what `source` runs now."""
+    if deploy_id is None:
+        rec = records.last_succeeded(source.name)
+        if rec is None or not rec.digest or not rec.image:
+            raise UsageError(f"{source.name} has no successful deploy to promote.")
+        return rec
+    rec = records.get(deploy_id)
+    if rec is None or rec.deployment != source.name:
+        raise UsageError(f"there is no deploy #{deploy_id} of {source.name}.")
+    if rec.state != deploys.SUCCEEDED or not rec.digest or not rec.image:
+        raise UsageError(
+            f"deploy #{deploy_id} of {source.name} is {rec.state}: only a successful "
+            "deploy's image can be promoted."
+        )
+    return rec
+
+
+# -- freezes ------------------------------------------------------------------
+
+
+def freeze(
+    records: Records, dep: Deployment, *, by: str, reason: str, until: str | None = None
+) -> Freeze:
+    """Freeze `dep` from now, until `until` (RFC 3339 or a duration) or until unfrozen."""
+    reason = check_reason(reason)
+    ends = parse_until(until, time.time()) if until else None
+    made = freezes.start(records, dep.name, by=by, reason=reason, until=ends)
+    if made is None:
+        held = freezes.recorded(records, dep.name)
+        what = describe(held) if held else f"{dep.name} is frozen"
+        raise Refusal(f"{what}; to change it, unfreeze first: deployd unfreeze {dep.name}")
+    return made
+
+
+def unfreeze(records: Records, dep: Deployment, *, by: str) -> Freeze:
+    """End the recorded freeze of `dep`; the freeze as ended (a freeze window cannot be)."""
+    ended = freezes.end(records, dep.name, by=by)
+    if ended is not None:
+        return ended
+    window = window_freeze(dep, time.time())
+    if window is not None:
+        raise Refusal(
+            f"{describe(window)}; a freeze window ends by itself (or change "
+            "[[deployment.freeze_window]] in the config)."
+        )
+    raise Refusal(f"{dep.name} is not frozen.")
+
+
+def freeze_for_rollback(
+    records: Records, dep: Deployment, *, by: str, reason: str
+) -> tuple[Freeze, bool]:
+    """`rollback --freeze`: freeze `dep` until unfrozen (unless a recorded freeze already
+    holds, which is kept); (the freeze, whether it is new)."""
+    held = freezes.recorded(records, dep.name)
+    if held is not None:
+        return held, False
+    made = freezes.start(records, dep.name, by=by, reason=check_reason(reason), until=None)
+    if made is None:  # someone froze it this instant
+        return freeze_for_rollback(records, dep, by=by, reason=reason)
+    return made, True
+
+
+def freeze_of(records: Records, dep: Deployment) -> Freeze | None:
+    """What freezes `dep` now (a recorded freeze, else a freeze window), if anything."""
+    return freezes.current(records, dep)
+
+
+# -- cancel -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CancelAsked:
+    """A cancel, as asked: the record right after, and where its log stood before."""
+
+    record: Deploy
+    log_mark: int  # the id of its last log line before the request (follow_log's `after`)
+    already: bool  # someone had asked already (record.cancelled_by says who)
+
+
+def cancel(
+    records: Records,
+    deploy_id: int,
+    *,
+    by: str,
+    may: Callable[[str], bool] = lambda _deployment: True,
+    caller: str = "",
+) -> CancelAsked:
+    """Ask for deploy `deploy_id` to be cancelled on behalf of `by`.
+
+    The request is written to the record (compare-and-set on a state that is not
+    final): a queued deploy is `cancelled` at once and leaves the queue; a running
+    one is stopped by the process running it, which polls for this (core/cancel.py).
+    `may(deployment)` says whether the caller may cancel that deployment's deploys
+    (a key: its own); other deploys are refused like unknown ids, so that a key
+    learns nothing of them. Refusals are one line (Refusal: exit 2).
+    """
+    rec = records.get(deploy_id)
+    if rec is None or not may(rec.deployment):
+        whose = f" that {caller} may cancel" if caller else ""
+        raise Refusal(f"there is no deploy #{deploy_id}{whose}.")
+    lines = records.log_lines(deploy_id)
+    mark = lines[-1].id if lines else 0
+    if not rec.final and records.request_cancel(deploy_id, by) is not None:
+        now = records.get(deploy_id)
+        assert now is not None
+        return CancelAsked(now, mark, already=False)
+    now = records.get(deploy_id)
+    assert now is not None
+    if now.final:
+        asked = now.state == deploys.CANCELLED and now.cancelled_by
+        by_whom = f" by {now.cancelled_by}" if asked else ""
+        raise Refusal(
+            f"deploy #{deploy_id} has already ended ({now.state}{by_whom}); "
+            "there is nothing to cancel."
+        )
+    return CancelAsked(now, mark, already=True)
+
+
 # -- status and history ---------------------------------------------------------
 
 
@@ -135,6 +348,7 @@ class Status:
     in_flight: list[Deploy]
     # One entry per workload, or why the cluster could not be read.
     cluster: list[dict[str, Any]] | str
+    freeze: Freeze | None = None
 
     @property
     def unreachable(self) -> bool:
@@ -160,7 +374,7 @@ async def status(services: Services, dep: Deployment) -> Status:
         finally:
             if client is not None:
                 await client.close()
-    return Status(dep.name, deployed, in_flight, cluster)
+    return Status(dep.name, deployed, in_flight, cluster, freeze_of(services.records, dep))
 
 
 def history(
@@ -195,8 +409,10 @@ async def follow_log(
     live: DeployLog | None = None,
     follow: bool = True,
     settings: Settings | None = None,
+    after: int = 0,
 ) -> AsyncIterator[LogLine]:
-    """The deploy's stored lines, then (if `follow`) each new one until the deploy ends.
+    """The deploy's stored lines (those after line id `after`), then (if `follow`) each
+    new one until the deploy ends.
 
     `live` is the deploy's log when this process runs it: new lines are pushed
     by it. Otherwise the records are read as they grow (a deploy run by another
@@ -204,8 +420,7 @@ async def follow_log(
     process died is marked interrupted so that following it ends.
     """
     queue = live.subscribe() if live is not None and follow else None
-    after = 0
-    for row in records.log_lines(deploy_id):
+    for row in records.log_lines(deploy_id, after):
         after = row.id
         yield row
     if not follow:

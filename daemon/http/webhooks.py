@@ -25,15 +25,16 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.adapters import git, repos
+from daemon.adapters import freezes, git, repos
 from daemon.adapters.records import Records
 from daemon.config import Settings
 from daemon.core import deploys
 from daemon.core.context import DeployRequest
 from daemon.core.deploys import Options
+from daemon.core.freezes import describe
 from daemon.core.pipeline import Pipeline, queued_fields
 from daemon.core.policy import Lifecycle, policy
-from daemon.errors import DeploydError
+from daemon.errors import DeploydError, DiskFull
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,17 @@ def decide(event: str, payload: object, settings: Settings) -> Decision:
     if not on_branch:
         wanted = ", ".join(f"{d.name} deploys {d.branch}" for d in following)
         return _ignored(f"{branch[:100]} is not a deployed branch ({wanted}).")
+    # A deployment that takes only promotions is not deployed by a push.
+    closed = [d for d in on_branch if d.promote_from is not None]
+    on_branch = [d for d in on_branch if d.promote_from is None]
+    if not on_branch:
+        return _ignored(
+            " ".join(
+                f"{d.name} takes promotions from {d.promote_from}: "
+                f"deployd promote {d.promote_from} {d.name}."
+                for d in closed
+            )
+        )
     head = payload.get("head_commit")
     subject = _text(head.get("message"), 200) if isinstance(head, dict) else ""
     pusher = payload.get("pusher")
@@ -234,14 +246,21 @@ class Webhooks:
         decision = self._decide(event, body, settings)
         if decision.requests:
             decision = await asyncio.to_thread(self._forward_only, decision)
-        new, status, answer, ids = self.records.record_delivery(
-            hook_id,
-            delivery,
-            event,
-            decision.status,
-            decision.answer,
-            [queued_fields(r) for r in decision.requests],
-        )
+        # In a thread: another writer may hold the database for seconds, and the
+        # event loop answers everyone else meanwhile.
+        try:
+            new, status, answer, ids = await asyncio.to_thread(
+                self.records.record_delivery,
+                hook_id,
+                delivery,
+                event,
+                decision.status,
+                decision.answer,
+                [queued_fields(r) for r in decision.requests],
+            )
+        except DiskFull as exc:  # not recorded: GitHub shows it failed, to be redelivered
+            log.error("delivery %s not recorded: %s", delivery, exc.message)
+            return self._counted(request, _answer(503, error=exc.message))
         if not new:
             return self._counted(request, self._redelivery(status, answer, ids), "duplicate")
         for req, deploy_id in zip(decision.requests, ids, strict=True):
@@ -255,8 +274,21 @@ class Webhooks:
                 ],
                 "message": "queued " + ", ".join(f"deploy #{i}" for i in ids),
             }
+            held = await asyncio.to_thread(self._frozen, decision.requests)
+            if held:
+                answer["frozen"] = held
+                answer["message"] += f" ({' '.join(held)}; it runs when the freeze ends)"
             log.info("delivery %s: %s", delivery, answer["message"])
         return self._counted(request, web.json_response(answer, status=status))
+
+    def _frozen(self, requests: list[DeployRequest]) -> list[str]:
+        """Why each frozen deployment among `requests` waits (its deploy stays queued)."""
+        out = []
+        for req in requests:
+            freeze = freezes.current(self.records, req.deployment)
+            if freeze is not None:
+                out.append(describe(freeze))
+        return out
 
     def _counted(
         self, request: web.Request, response: web.Response, outcome: str | None = None

@@ -121,10 +121,14 @@ def delivery_id(target: str, event: DeployEvent) -> str:
 def summarise(event: DeployEvent, record: Deploy, public_url: str) -> Summary:
     """The facts of a notification, in words."""
     started = event.event == states.STARTED
-    noun = "rollback" if record.action == deploys.ROLLBACK else "deploy"
+    noun = {deploys.ROLLBACK: "rollback", deploys.PROMOTION: "promotion"}.get(
+        record.action, "deploy"
+    )
     title = f"{record.deployment}: {noun} #{record.id}"
     if record.rollback_of is not None:
         title += f" (to deploy #{record.rollback_of})"
+    if record.promoted_from is not None:
+        title += f" (from {record.promoted_from} #{record.promoted_from_id})"
     title += f" {_VERBS.get(event.event, event.event)}"
     step = "" if started else (record.step or "")
     if event.event in _STOPPED_IN and step:
@@ -295,6 +299,11 @@ def webhook_event(
         "trigger": record.trigger,
         "action": record.action,
         "rollback_of": record.rollback_of,
+        "promoted_from": (
+            {"deployment": record.promoted_from, "deploy_id": record.promoted_from_id}
+            if record.promoted_from
+            else None
+        ),
         "commit": record.commit,
         "subject": record.description,
         "actor": record.actor,

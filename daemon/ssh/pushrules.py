@@ -59,14 +59,16 @@ def parse_updates(lines: list[list[str]]) -> list[RefUpdate]:
 
 
 def parse_options(raw: list[str]) -> Options:
-    """Push options (`git push -o ...`): force, pytest, description=TEXT."""
-    force = pytest = False
+    """Push options (`git push -o ...`): force, pytest, description=TEXT, override-freeze."""
+    force = pytest = override = False
     description = ""
     for option in raw:
         if option == "force":
             force = True
         elif option == "pytest":
             pytest = True
+        elif option == "override-freeze":
+            override = True
         elif option.startswith("description="):
             description = option.partition("=")[2].strip()
             if len(description) > MAX_DESCRIPTION or not description.isprintable():
@@ -76,10 +78,10 @@ def parse_options(raw: list[str]) -> Options:
                 )
         else:
             raise Refused(
-                f"unknown push option {option[:40]!r}: use -o force, -o pytest or "
-                "-o description=TEXT."
+                f"unknown push option {option[:40]!r}: use -o force, -o pytest, "
+                "-o description=TEXT or -o override-freeze."
             )
-    return Options(force=force, pytest=pytest, description=description)
+    return Options(force=force, pytest=pytest, description=description, override_freeze=override)
 
 
 def decide(updates: list[RefUpdate], branch: str, raw_options: list[str]) -> PushPlan:
@@ -101,12 +103,52 @@ def decide(updates: list[RefUpdate], branch: str, raw_options: list[str]) -> Pus
     return PushPlan(update.new, update.old, update.ref, parse_options(raw_options))
 
 
+def _flags(
+    args: tuple[str, ...], switches: tuple[str, ...], *, until: bool
+) -> tuple[list[str], bool, str | None, str | None]:
+    """Split command words: (the others, a switch was given, --reason's text, --until's TIME).
+
+    `--reason` takes the rest of the line but a later `--until TIME` (ssh joins its
+    arguments with spaces, so a reason needs no quotes); quotes around it are dropped.
+    """
+    rest: list[str] = []
+    switched = False
+    reason: list[str] | None = None
+    when: str | None = None
+    words = list(args)
+    while words:
+        word = words.pop(0)
+        if word in switches:
+            switched = True
+        elif until and word == "--until":
+            if not words:
+                raise Refused("--until needs a TIME: 30m, 2h, 1d or an RFC 3339 time.")
+            when = words.pop(0)
+        elif word == "--reason":
+            reason = []
+        elif reason is not None:
+            reason.append(word)
+        else:
+            rest.append(word)
+    return rest, switched, None if reason is None else _unquoted(" ".join(reason)), when
+
+
+def _unquoted(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
 @dataclass(frozen=True)
 class Command:
     """An SSH command deployd knows."""
 
-    name: str  # git-receive-pack, git-upload-pack, deploys, status, logs, help
+    name: str  # git-receive-pack, git-upload-pack, deploys, status, logs, help, rollback,
+    # promote, freeze, unfreeze, cancel
     args: tuple[str, ...] = ()
+    # rollback --freeze, freeze: the reason; freeze: --until TIME
+    reason: str | None = None
+    until: str | None = None
 
 
 def parse_command(line: str | None) -> Command:
@@ -138,8 +180,28 @@ def parse_command(line: str | None) -> Command:
         return Command("status", args)
     if verb == "logs" and len(args) == 1:
         return Command("logs", (str(names.deploy_id(args[0])),))
-    if verb == "rollback" and 1 <= len(args) <= 2:
+    if verb == "rollback" and args:
+        positional, freeze, reason, _ = _flags(args, ("--freeze",), until=False)
+        if 1 <= len(positional) <= 2 and (freeze or reason is None):
+            names.deployment_name(positional[0])
+            rest = (str(names.deploy_id(positional[1])),) if len(positional) == 2 else ()
+            return Command(
+                "rollback", (positional[0], *rest), reason=(reason or "") if freeze else None
+            )
+        raise Refused("usage: rollback DEPLOYMENT [DEPLOY_ID] [--freeze [--reason TEXT]]")
+    if verb == "promote" and 2 <= len(args) <= 3:
+        for a in args[:2]:
+            names.deployment_name(a)
+        rest = (str(names.deploy_id(args[2])),) if len(args) == 3 else ()
+        return Command("promote", (args[0], args[1], *rest))
+    if verb == "freeze" and args:
         names.deployment_name(args[0])
-        rest = (str(names.deploy_id(args[1])),) if len(args) == 2 else ()
-        return Command("rollback", (args[0], *rest))
+        words, _, reason, until = _flags(args[1:], (), until=True)
+        text = _unquoted(" ".join([*words, *([reason] if reason else [])]))
+        return Command("freeze", (args[0],), reason=text, until=until)
+    if verb == "unfreeze" and len(args) == 1:
+        names.deployment_name(args[0])
+        return Command("unfreeze", args)
+    if verb == "cancel" and len(args) == 1:
+        return Command("cancel", (str(names.deploy_id(args[0])),))
     raise Refused(f"unknown command {verb[:40]!r}; see: ssh git@HOST help")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.adapters import git, repos
+from daemon.core import access, usecases
 from daemon.core.context import DeployRequest
 from daemon.core.pipeline import Pipeline
 from daemon.errors import DeploydError
@@ -60,6 +61,19 @@ class Receiver:
         updates = pushrules.parse_updates(list(request.get("updates") or []))
         options = [str(o) for o in request.get("options") or []]
         plan = pushrules.decide(updates, dep.branch, options)
+        if plan.options.override_freeze:
+            key = next((k for k in self.state.settings.keys if k.name == session.key), None)
+            if key is None or not access.may_override_freeze(key):
+                raise pushrules.Refused(
+                    "only an admin key may push through a freeze (-o override-freeze)."
+                )
+        await asyncio.to_thread(
+            usecases.admit,
+            self.state.records,
+            dep,
+            plan.options,
+            hint="; an admin key may push through it: git push -o override-freeze",
+        )
         object_env = _object_env(repo, request.get("env"))
         subject = await asyncio.to_thread(git.subject, repo, plan.commit, object_env)
         deploy = DeployRequest(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -25,12 +26,14 @@ from daemon import names, views
 from daemon.adapters import repos
 from daemon.adapters.records import Records
 from daemon.config import Deployment, Key, Settings
-from daemon.core import usecases
+from daemon.core import access, deploys, usecases
+from daemon.core.freezes import describe
 from daemon.errors import DeploydError
 from daemon.ssh import pushrules
 from daemon.ssh.gate import Gate
 
 if TYPE_CHECKING:
+    from daemon.core.context import DeployRequest
     from daemon.core.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -227,6 +230,7 @@ def ensure_host_key(path: Path) -> str:
 async def _handle(state: SSHState, process: asyncssh.SSHServerProcess[bytes]) -> None:
     key_name = process.get_extra_info("deployd_key")
     key = next((k for k in state.settings.keys if k.name == key_name), None)
+    command: pushrules.Command | None = None
     try:
         if key is None:
             raise Denied("this key is no longer configured.")
@@ -237,6 +241,13 @@ async def _handle(state: SSHState, process: asyncssh.SSHServerProcess[bytes]) ->
             status = await _git(state, process, key, command)
         elif command.name == "rollback":
             status = await _rollback(state, process, key, command)
+        elif command.name == "promote":
+            status = await _promote(state, process, key, command)
+        elif command.name == "cancel":
+            status = await _cancel(state, process, key, command)
+        elif command.name in ("freeze", "unfreeze"):
+            _out(process, await asyncio.to_thread(_freeze, state, key, command))
+            status = 0
         elif command.name == "status":
             _out(process, await _status(state, key, command))
             status = 0
@@ -248,7 +259,12 @@ async def _handle(state: SSHState, process: asyncssh.SSHServerProcess[bytes]) ->
             status = 0
     except DeploydError as exc:
         _err(process, f"deployd: {exc.message}")
-        status = 1
+        # The release-management commands exit with the error's code (refusals: 2).
+        coded = command is not None and (
+            command.name in ("promote", "freeze", "unfreeze", "cancel")
+            or command.reason is not None
+        )
+        status = exc.exit_code if coded else 1
     except Exception:
         log.exception("SSH command %r of key %s failed", process.command, key_name)
         _err(process, "deployd: internal error; the daemon's log has the details.")
@@ -286,7 +302,13 @@ def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[
             allowed = [_deployment(state, key, command.args[0]).name]
         else:
             allowed = [d.name for d in state.settings.deployments if may_use(key, d.name)]
-        return views.deploy_table(usecases.history(state.settings, records, allowed, 50))
+        frozen = {
+            d.name: usecases.freeze_of(records, d)
+            for d in state.settings.deployments
+            if d.name in allowed
+        }
+        table = views.deploy_table(usecases.history(state.settings, records, allowed, 50))
+        return views.freeze_lines(frozen) + table
     raise pushrules.Refused("unknown command.")
 
 
@@ -304,16 +326,102 @@ async def _status(state: SSHState, key: Key, command: pushrules.Command) -> list
     return views.status_lines(await usecases.status(state.pipeline.services, dep))
 
 
+def _allowed(state: SSHState, key: Key, name: str, need: str) -> Deployment:
+    """The deployment `name` if `key` has `need` on it (refused alike when unknown: exit 2)."""
+    dep = next((d for d in state.settings.deployments if d.name == name), None)
+    if dep is None:
+        raise access.forbidden(key, name, need)
+    access.require(key, name, need)
+    return dep
+
+
+def _freeze(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:
+    dep = _allowed(state, key, command.args[0], access.DEPLOY)
+    if command.name == "freeze":
+        made = usecases.freeze(
+            state.records, dep, by=key.name, reason=command.reason or "", until=command.until
+        )
+        return [describe(made)]
+    ended = usecases.unfreeze(state.records, dep, by=key.name)
+    still = usecases.freeze_of(state.records, dep)
+    return [f"{dep.name} unfrozen (frozen by {ended.by}: {ended.reason})"] + (
+        [f"note: {describe(still)}"] if still is not None else []
+    )
+
+
+async def _cancel(
+    state: SSHState, process: asyncssh.SSHServerProcess[bytes], key: Key, command: pushrules.Command
+) -> int:
+    """Cancel a deploy of the key's deployments; its lines follow until it stops."""
+    ident = int(command.args[0])
+    asked = await asyncio.to_thread(
+        functools.partial(
+            usecases.cancel,
+            state.records,
+            ident,
+            by=key.name,
+            may=lambda deployment: access.allowed(key, deployment, access.DEPLOY),
+            caller=f"key {key.name}",
+        )
+    )
+    _err(process, f"deployd: {views.cancel_asked_line(asked)}")
+    live = state.pipeline.live.get(ident) if state.pipeline is not None else None
+    lines = usecases.follow_log(
+        state.records, ident, live=live, settings=state.settings, after=asked.log_mark
+    )
+    async for row in lines:
+        _err(process, row.line)
+    rec = await asyncio.to_thread(state.records.get, ident)
+    assert rec is not None
+    _out(process, [views.cancel_result(rec)])
+    return 0 if rec.state == deploys.CANCELLED else 1
+
+
+async def _promote(
+    state: SSHState, process: asyncssh.SSHServerProcess[bytes], key: Key, command: pushrules.Command
+) -> int:
+    target = _allowed(state, key, command.args[1], access.DEPLOY)
+    source = _allowed(state, key, command.args[0], access.READ)
+    wanted = int(command.args[2]) if len(command.args) > 2 else None
+    request = await asyncio.to_thread(
+        usecases.promote,
+        state.settings,
+        state.records,
+        source,
+        target,
+        wanted,
+        trigger="ssh",
+        actor=key.name,
+    )
+    return await _run_deploy(state, process, request)
+
+
 async def _rollback(
     state: SSHState, process: asyncssh.SSHServerProcess[bytes], key: Key, command: pushrules.Command
 ) -> int:
-    dep = _deployment(state, key, command.args[0])
+    if command.reason is not None:  # rollback --freeze: refusals exit 2
+        dep = _allowed(state, key, command.args[0], access.DEPLOY)
+    else:
+        dep = _deployment(state, key, command.args[0])
     wanted = int(command.args[1]) if len(command.args) > 1 else None
-    pipeline = state.pipeline
-    assert pipeline is not None
     request = usecases.rollback(
         state.settings, state.records, dep, wanted, trigger="ssh", actor=key.name, force=False
     )
+    if command.reason is not None:
+        held, new = usecases.freeze_for_rollback(
+            state.records, dep, by=key.name, reason=command.reason or request.subject
+        )
+        said = "froze" if new else "kept the freeze:"
+        _err(process, f"deployd: {said} {describe(held)} (ssh ... unfreeze {dep.name} ends it)")
+    return await _run_deploy(state, process, request)
+
+
+async def _run_deploy(
+    state: SSHState, process: asyncssh.SSHServerProcess[bytes], request: DeployRequest
+) -> int:
+    """Run a deploy asked for by an SSH command; progress to stderr, the verdict to stdout."""
+    pipeline = state.pipeline
+    assert pipeline is not None
     task = asyncio.current_task()
     assert task is not None
     pipeline.commands.add(task)  # SIGTERM waits for it like for a push

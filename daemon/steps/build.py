@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.adapters.background import run_abandonable
+from daemon.adapters.background import run_stoppable
 from daemon.core.context import DeployContext
 
 
@@ -13,8 +13,11 @@ def build_tag(ctx: DeployContext) -> str:
 
 async def run(ctx: DeployContext) -> str:
     """Build ctx.source; set ctx.image_id."""
-    ctx.image_id = await run_abandonable(
+    # Stopped (a cancel, Ctrl-C): the build's stream is cut and its step's container
+    # removed, and this waits for that before the deploy goes on to clean up.
+    ctx.image_id = await run_stoppable(
         ctx.services.images.build,
+        ctx.stop,
         ctx.source,
         build_tag(ctx),
         ctx.labels,

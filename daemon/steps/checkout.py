@@ -95,7 +95,7 @@ async def run(ctx: DeployContext) -> str:
     # the state dir above it stays private.
     ctx.source.chmod(0o755)
     ctx.tree = await asyncio.to_thread(git.tree, req.repo, req.commit, req.object_env)
-    ctx.services.records.update(ctx.id, tree_sha=ctx.tree)
+    await ctx.record(ctx.services.records.update, ctx.id, tree_sha=ctx.tree)
     await asyncio.to_thread(refuse_escaping_links, ctx.source)
     files = sum(1 for p in ctx.source.rglob("*") if p.is_file())
     return f"{req.commit[:12]} ({files} files{fetched})"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from daemon.adapters.background import run_abandonable
+from daemon.adapters.background import run_stoppable
 from daemon.core import deploys
 from daemon.core.context import DeployContext
 from daemon.core.ports import STAGING_TAG
@@ -21,8 +21,10 @@ async def upload(ctx: DeployContext) -> str:
     images = ctx.services.images
     repo = ctx.deployment.image
     await asyncio.to_thread(images.tag, ctx.image_id, repo, STAGING_TAG)
-    return await run_abandonable(
-        images.push, repo, STAGING_TAG, lambda line: ctx.say(line, "push"), ctx.stop
+    # Stopped (a failed check, a cancel): the push's stream is cut, so the Engine
+    # abandons the upload; this waits for that.
+    return await run_stoppable(
+        images.push, ctx.stop, repo, STAGING_TAG, lambda line: ctx.say(line, "push"), ctx.stop
     )
 
 
@@ -40,10 +42,16 @@ async def run(ctx: DeployContext) -> str:
     )
     await asyncio.to_thread(images.tag, ctx.image_id, repo, ctx.tag)
     try:
-        ctx.digest = await run_abandonable(
-            images.push, repo, ctx.tag, lambda line: ctx.say(line, "push")
+        ctx.digest = await run_stoppable(
+            images.push, ctx.stop, repo, ctx.tag, lambda line: ctx.say(line, "push"), ctx.stop
         )
+    except BaseException:
+        # Not pushed (or stopped): no local tag names a deploy that has none either.
+        await asyncio.to_thread(images.untag, repo, ctx.tag)
+        raise
     finally:
         await asyncio.to_thread(images.untag, repo, STAGING_TAG)
-    ctx.services.records.update(ctx.id, image=repo, tag=ctx.tag, digest=ctx.digest)
+    await ctx.record(
+        ctx.services.records.update, ctx.id, image=repo, tag=ctx.tag, digest=ctx.digest
+    )
     return f"{repo}:{ctx.tag}@{ctx.digest}"

@@ -7,6 +7,11 @@ it. roll (after the push): one strategic-merge patch per workload, all at once
 worker grace period), then a wait by kubectl's rules through watches. If any
 workload fails or the timeout passes, every workload patched goes back to what
 ran before, that rollback is waited for too, and the deploy ends `rolled_back`.
+What ran before is saved with the deploy before the first patch: if the process
+dies during the roll, the next start puts it back (undo), since an interrupted
+deploy keeps nothing. A cancel (core/cancel.py) is acted on where that is safe:
+before the migration Job or once it has finished (never midway), and after the
+patches, by rolling back as for a failed rollout; the deploy ends `cancelled`.
 """
 
 from __future__ import annotations
@@ -18,12 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.adapters.kubernetes import plan
 from daemon.adapters.kubernetes import rules as rollout
-from daemon.core import deploys
+from daemon.core import cancel, deploys
 from daemon.core.context import DeployContext
-from daemon.errors import DeploydError, RolledBack
+from daemon.errors import Cancelled, DeploydError, RolledBack
 
 if TYPE_CHECKING:
     from daemon.adapters.kubernetes.plan import Target
+    from daemon.adapters.records import Records
+    from daemon.core.ports import Cluster
+
+# The workloads as they were before a roll patched them (an artifact of the deploy).
+SAVED_TARGETS = "roll-targets.json"
 
 
 async def preflight(ctx: DeployContext) -> str:
@@ -50,7 +60,16 @@ async def run(ctx: DeployContext) -> str:
         plan.ANNOTATION_DEPLOY: str(ctx.id),
         plan.ANNOTATION_COMMIT: ctx.request.commit,
     }
+    # A cancel stops a roll only where that is safe (core/cancel.py): before the
+    # migration, after it (never midway), or once the patches are sent, by rolling back.
+    if ctx.cancelled_by:
+        raise Cancelled(cancel.message(ctx, "no workload was changed"))
     await _migrate(ctx, ref)
+    # Written before any workload changes: if this process dies during the roll, the
+    # next start puts these templates back (undo).
+    await ctx.record(
+        ctx.services.records.put_artifact, ctx.id, SAVED_TARGETS, plan.targets_json(targets)
+    )
     patched: list[Target] = []
 
     async def roll_one(t: Target) -> None:
@@ -62,16 +81,22 @@ async def run(ctx: DeployContext) -> str:
         results = await asyncio.gather(*(roll_one(t) for t in targets), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         ctx.say(f"       patched {len(patched)} of {len(targets)} workloads to {ref}", "roll")
+        reason: str | None  # None: cancelled
         if errors:
             reason = "; ".join(_why(e) for e in errors)
+        elif ctx.cancelled_by:
+            reason = None
         else:
-            reason = await _wait_all(ctx, targets)
+            reason = await _wait_all(ctx, targets, until=ctx.cancel_asked)
     except Exception as exc:  # whatever happens once workloads are patched, roll them back
         reason = _why(exc)
-    if not reason:
+    if reason == "":
         return f"{len(targets)} workloads rolled out to {ctx.tag}{await _draining(ctx, targets)}"
-    ctx.say(f"-----> rollout failed: {reason}", "roll")
-    ctx.say(f"-----> rolling back {len(patched)} workloads to what ran before", "roll")
+    if reason is None:
+        ctx.say(f"-----> {cancel.message(ctx)}: rolling back {_count(len(patched))}", "roll")
+    else:
+        ctx.say(f"-----> rollout failed: {reason}", "roll")
+        ctx.say(f"-----> rolling back {len(patched)} workloads to what ran before", "roll")
     restores = await asyncio.gather(*(cluster.restore(t) for t in patched), return_exceptions=True)
     unrestored = [
         f"{t.workload}: {_why(r)}"
@@ -82,11 +107,35 @@ async def run(ctx: DeployContext) -> str:
         ctx, [t for t, r in zip(patched, restores, strict=True) if not isinstance(r, BaseException)]
     )
     if back or unrestored:
+        what = f"the rollout failed ({reason})" if reason is not None else cancel.message(ctx)
         raise DeploydError(
-            f"the rollout failed ({reason}) and the rollback did not finish "
+            f"{what} and the rollback did not finish "
             f"either ({'; '.join(unrestored + ([back] if back else []))}); check the cluster."
         )
+    if reason is None:
+        detail = f"{_count(len(patched))} rolled back to what ran before"
+        raise Cancelled(cancel.message(ctx, detail))
     raise RolledBack(f"the rollout failed and was rolled back: {reason}")
+
+
+async def undo(records: Records, cluster: Cluster, deploy_id: int) -> tuple[list[str], list[str]]:
+    """After deploy `deploy_id` died in its roll: put back the pod templates it saved on the
+    workloads that still carry its changes. Returns (workloads put back, failures)."""
+    saved = await asyncio.to_thread(records.artifact, deploy_id, SAVED_TARGETS)
+    restored, failures = [], []
+    for t in plan.targets_from_json(saved) if saved else []:
+        try:
+            if plan.deploy_of(await cluster.get(t.workload)) != str(deploy_id):
+                continue  # not patched yet, or patched back or by someone since
+            await cluster.restore(t)
+            restored.append(str(t.workload))
+        except DeploydError as exc:
+            failures.append(f"{t.workload}: {exc.message}")
+    return restored, failures
+
+
+def _count(n: int) -> str:
+    return f"{n} workload{'' if n == 1 else 's'}"
 
 
 def _why(exc: BaseException) -> str:
@@ -141,13 +190,19 @@ async def _migrate(ctx: DeployContext, ref: str) -> None:
         "roll",
     )
     deadline = time.monotonic() + dep.rollout_timeout_seconds
+    # Never stopped midway, not even by a cancel: it runs to its end, then the deploy stops.
     why = await cluster.run_job(job, deadline, lambda m: ctx.say(f"       {m}", "roll"))
     if why:
         raise DeploydError(f"the database migration failed, so nothing was rolled: {why}")
+    if ctx.cancelled_by:
+        done = f"job/{job['metadata']['name']} (airflow db migrate) finished first"
+        raise Cancelled(cancel.message(ctx, f"{done}; no workload was changed"))
 
 
-async def _wait_all(ctx: DeployContext, targets: list[Target]) -> str:
-    """Wait for every workload; '' when all are done, else why not.
+async def _wait_all(
+    ctx: DeployContext, targets: list[Target], until: asyncio.Event | None = None
+) -> str | None:
+    """Wait for every workload; '' when all are done, else why not (None: `until` came first).
 
     Worker StatefulSets count as rolled once the controller took the new
     template: their pods are replaced one by one as each old one finishes its
@@ -164,9 +219,22 @@ async def _wait_all(ctx: DeployContext, targets: list[Target]) -> str:
     def judge(t: Target) -> Callable[[dict[str, Any]], rollout.Verdict] | None:
         return rollout.settled if t.worker and t.workload.kind == "statefulset" else None
 
-    verdicts = await asyncio.gather(
+    waits = asyncio.gather(
         *(cluster.wait(t.workload, deadline, progress(t), judge(t)) for t in targets)
     )
+    if until is not None:
+        stopper = asyncio.ensure_future(until.wait())
+        either: set[asyncio.Future[Any]] = {waits, stopper}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not waits.done():
+                waits.cancel()
+        if not waits.done() or waits.cancelled():
+            await asyncio.wait({waits})  # the watches end; this task is not cancelled
+            return None
+    verdicts = await waits
     bad = []
     for t, v in zip(targets, verdicts, strict=True):
         if v.failed:

@@ -203,6 +203,22 @@ def test_a_target_keeps_what_a_rollback_restores() -> None:
     assert plain.annotations == {plan.ANNOTATION_DEPLOY: None, plan.ANNOTATION_COMMIT: None}
 
 
+def test_saved_targets_come_back_whole_and_say_who_patched_last() -> None:
+    """What a roll saves before patching is what recovery restores after a crash."""
+    obj = workload_obj(
+        [c("worker", f"{IMAGE}:1", env=env(**{f"{EXEC3}REPOSITORY": IMAGE, f"{EXEC3}TAG": "1"}))],
+        [c("init", f"{IMAGE}:1")],
+    )
+    obj["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 600
+    obj["spec"]["template"]["metadata"]["annotations"] = {plan.ANNOTATION_DEPLOY: "7"}
+    targets = [plan.target_from(dep(), WORKER, obj), plan.target_from(dep(), SCHED, obj)]
+    assert plan.targets_from_json(plan.targets_json(targets)) == targets
+    assert plan.targets_from_json("[]") == []
+    assert plan.deploy_of(obj) == "7"
+    assert plan.deploy_of(workload_obj([c("s", f"{IMAGE}:1")])) is None
+    assert plan.deploy_of({}) is None
+
+
 # -- KubernetesExecutor's image variables --------------------------------------------
 
 

@@ -215,3 +215,68 @@ def test_notification_targets_start_at_the_end_and_are_held_by_one_process(
     # An expired lease can be taken over.
     records.claim_target("late", "cli-2", -1)
     assert records.claim_target("late", "serve-1", 30) is not None
+
+
+def test_reads_are_answered_while_another_writer_holds_the_database(tmp_path: Path) -> None:
+    """An operator's `BEGIN IMMEDIATE`: our writes wait for it, our reads do not."""
+    import threading
+    import time
+
+    records = Records(tmp_path / "deployd.db")
+    did = new(records)
+    other = sqlite3.connect(tmp_path / "deployd.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    writer = threading.Thread(target=records.update, args=(did,), kwargs={"step": "build"})
+    writer.start()  # waits for the other writer, holding our write lock
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    assert records.state(did) == deploys.QUEUED
+    assert [d.id for d in records.list_deploys("prod")] == [did]
+    assert time.monotonic() - t0 < 1
+    other.execute("ROLLBACK")
+    writer.join(10)
+    rec = records.get(did)
+    assert rec is not None and rec.step == "build"
+    other.close()
+
+
+def test_a_full_disk_gives_up_the_reserve_then_says_the_disk_is_full(
+    records: Records, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon.errors import DiskFull
+
+    did = new(records)
+    assert records.reserve.path.stat().st_size == records.reserve.size
+    real = records.db.execute
+
+    def full_once(sql: str, *args: object) -> sqlite3.Cursor:
+        monkeypatch.setattr(records.db, "execute", real)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    # Something new (a deploy, a delivery) is refused on a full disk; the reserve stays.
+    monkeypatch.setattr(records.db, "execute", full_once)
+    with pytest.raises(DiskFull) as err:
+        new(records)
+    assert "is full (No space left on device" in err.value.message
+    assert "\n" not in err.value.message
+    assert records.reserve.path.exists()
+    # The outcome of a deploy under way: the reserve is given up and the write goes through.
+    monkeypatch.setattr(records.db, "execute", full_once)
+    records.update(did, step="checkout")
+    assert not records.reserve.path.exists()
+    assert records.get(did).step == "checkout"  # type: ignore[union-attr]
+    # Really full (the database may not grow): one clear error, and a transaction that
+    # failed half-way left nothing behind.
+    pages = records.db.execute("PRAGMA page_count").fetchone()[0]
+    records.db.execute(f"PRAGMA max_page_count = {pages}")
+    wanted = [
+        dict(deployment="prod", trigger="webhook", actor="gh", ref="r", options=Options(), pid=1)
+    ]
+    with pytest.raises(DiskFull):
+        for i in range(200):
+            records.record_delivery("1", f"d{i}", "push", 202, {"x": "y" * 2000}, wanted)
+    delivered = records.db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+    made = records.db.execute("SELECT COUNT(*) FROM deploys WHERE trigger = 'webhook'")
+    assert delivered == made.fetchone()[0]  # each delivery with its deploy, or neither
+    with pytest.raises(DiskFull):
+        records.append_log(did, None, ["z" * 1500] * 20)

@@ -41,9 +41,39 @@ def test_floods_keep_head_and_tail(tmp_path: Path) -> None:
         log.write(f"line {i}", "pytest")
     log.write("x" * 100_000, "other")
     log.end_step("pytest")
+    log.flush()  # lines are stored on the log's own thread
     lines = [r.line for r in records.log_lines(did)]
     assert lines[0] == "line 0"
     assert lines[-1] == f"line {total - 1}"
     assert any("5000 lines of pytest output not shown" in ln for ln in lines)
     assert len(lines) == logs.HEAD_LINES + logs.TAIL_LINES + 2
     assert max(len(ln) for ln in lines) < logs.MAX_LINE_CHARS + 40
+
+
+async def test_a_held_database_keeps_nobody_waiting_and_keeps_the_order(tmp_path: Path) -> None:
+    """Another writer holds the records (an operator's `BEGIN IMMEDIATE`): writing a line
+    returns at once and the sink sees it; a record change waits its turn, after the line."""
+    import sqlite3
+    import time
+
+    records, did = make(tmp_path)
+    printed: list[str] = []
+    log = DeployLog(records, did, printed.append)
+    other = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    t0 = time.monotonic()
+    log.write("-----> failed: the build broke")
+    assert time.monotonic() - t0 < 5  # not the 30 s busy timeout: nothing waited
+    assert printed == ["-----> failed: the build broke"]
+    change = asyncio.ensure_future(log.record(records.update, did, error="the build broke"))
+    await asyncio.sleep(0.5)
+    assert not change.done()
+    assert records.get(did).error is None  # type: ignore[union-attr]  # reads are answered
+    other.execute("ROLLBACK")
+    await change
+    # A later record call sees the line stored: one writer, in order.
+    seen = await log.record(records.log_lines, did)
+    assert [r.line for r in seen] == ["-----> failed: the build broke"]
+    assert records.get(did).error == "the build broke"  # type: ignore[union-attr]
+    log.close()
+    other.close()

@@ -164,6 +164,7 @@ def test_webhook_event_is_signed_over_its_exact_bytes(records: Records) -> None:
         "trigger": "ssh",
         "action": "deploy",
         "rollback_of": None,
+        "promoted_from": None,
         "commit": "0123456789abcdef0123456789abcdef01234567",
         "subject": "Fix the sales DAG",
         "actor": "alice",
@@ -213,6 +214,32 @@ def test_a_rollback_says_what_it_went_back_to(records: Records) -> None:
     s = messages.summarise(event_of(records, did, "rolled_back"), rec, "")
     assert s.title == "prod: rollback #1 (to deploy #7) rolled back"
     assert s.error == "deployment/x: timed out"
+
+
+def test_a_promotion_says_where_its_image_came_from(records: Records) -> None:
+    did = records.create_deploy(
+        deployment="prod",
+        trigger="cli",
+        actor="ada@host",
+        ref="refs/heads/main",
+        options=Options(),
+        pid=1,
+        action="promotion",
+        commit="c" * 40,
+        promoted_from="staging",
+        promoted_from_id=7,
+    )
+    records.transition(did, "queued", "running")
+    records.transition(did, "running", "succeeded")
+    rec = records.get(did)
+    assert rec is not None
+    event = event_of(records, did, "succeeded")
+    assert messages.summarise(event, rec, "").title.startswith(
+        "prod: promotion #1 (from staging #7) "
+    )
+    body = json.loads(messages.render(target("consumer", "https://x"), event, rec, "").body)
+    assert body["promoted_from"] == {"deployment": "staging", "deploy_id": 7}
+    assert body["action"] == "promotion"
 
 
 def test_long_texts_are_cut_to_fit_the_limits(records: Records, tmp_path: Path) -> None:

@@ -547,8 +547,10 @@ def test_a_deploy_killed_mid_roll_is_reconciled_with_the_cluster(
     assert again.returncode == 0, again.stderr
     killed = d.record(rec["id"] - 1)
     assert killed["state"] == "interrupted" and killed["step"] == "roll"
+    # It keeps nothing: what it had patched was put back before the next deploy ran.
     assert (
-        f"At recovery, the cluster shows deployment/airflow-scheduler: deploy #{killed['id']}"
+        "At recovery: deployment/airflow-scheduler rolled back to what ran before; "
+        "the cluster shows deployment/airflow-scheduler: not deployed by deployd"
         in str(killed["error"])
     )
 

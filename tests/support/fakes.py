@@ -8,6 +8,7 @@ A fake fails where it is told to (`fail_*`) and blocks where it is told to
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
@@ -38,8 +39,14 @@ class FakeEngine:
     fail_build: DeploydError | None = None
     fail_push: DeploydError | None = None
     fail_check: Exception | None = None
+    fail_retag: DeploydError | None = None
     # When set, build() waits until the deploy is stopped (or this is set).
     block_build: threading.Event | None = None
+    # The same for one check container (`block_check_in`: parse or pytest) and the
+    # staging upload.
+    block_check: threading.Event | None = None
+    block_check_in: str = "parse"
+    block_upload: threading.Event | None = None
     calls: list[str] = field(default_factory=list)
     pushed: list[str] = field(default_factory=list)
     last_image: str = ""
@@ -60,6 +67,7 @@ class FakeEngine:
         if self.block_build is not None:
             while not self.block_build.wait(0.01):
                 if stop is not None and stop.is_set():
+                    self.calls.append("build stopped")
                     raise Cancelled("stopped: the deploy was cancelled.")
         if self.fail_build is not None:
             raise self.fail_build
@@ -84,6 +92,13 @@ class FakeEngine:
     ) -> ContainerRun:
         if self.fail_check is not None:
             raise self.fail_check
+        kind = "parse" if "DEPLOYD_CHECK" in environment else "pytest"
+        if self.block_check is not None and kind == self.block_check_in:
+            self.calls.append(f"{kind} started")
+            while not self.block_check.wait(0.01):
+                if stop is not None and stop.is_set():
+                    self.calls.append(f"{kind} killed")
+                    return ContainerRun(None)
         if "DEPLOYD_CHECK" in environment:
             return self._parse(project, on_line)
         self.calls.append("pytest")
@@ -123,12 +138,33 @@ class FakeEngine:
     ) -> str:
         if self.fail_push is not None and tag != "deployd-staging":
             raise self.fail_push
+        if self.block_upload is not None and tag == "deployd-staging":
+            self.calls.append("upload started")
+            while not self.block_upload.wait(0.01):
+                if stop is not None and stop.is_set():
+                    self.calls.append("upload stopped")
+                    raise Cancelled("stopped: the deploy was cancelled.")
         self.pushed.append(tag)
         # One digest per built image, as a registry gives (the staging upload's is the same).
         return "sha256:" + hashlib.sha256(self.last_image.encode()).hexdigest()
 
     def prune(self, deployment: str, keep: int) -> list[str]:
         return []
+
+    def retag(
+        self,
+        source: str,
+        digest: str,
+        target: str,
+        tag: str,
+        on_line: Line,
+        stop: threading.Event | None = None,
+    ) -> str:
+        self.calls.append(f"retag {source}@{digest} {target}:{tag}")
+        if self.fail_retag is not None:
+            raise self.fail_retag
+        on_line(f"{tag}: digest: {digest}")
+        return digest
 
 
 @dataclass
@@ -138,9 +174,14 @@ class FakeCluster:
     # Workloads whose rollout fails after the patch, with kubectl's message.
     failing: dict[str, str] = field(default_factory=dict)
     running_image: str = "registry.test/airflow/prod:old"
+    preflight_seconds: float = 0.0
     patched: list[tuple[str, str]] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)
     closed: int = 0
+    # Seconds a migration Job runs; rollouts (not rollbacks) that never end by themselves.
+    job_seconds: float = 0.0
+    hang_rollout: bool = False
+    events: list[str] = field(default_factory=list)
 
     async def close(self) -> None:
         self.closed += 1
@@ -150,6 +191,7 @@ class FakeCluster:
         return {"metadata": {"name": workload.name}, "spec": {"template": {"spec": pod}}}
 
     async def preflight(self, dep: Deployment) -> list[Target]:
+        await asyncio.sleep(self.preflight_seconds)
         return [
             Target(
                 workload=w,
@@ -180,6 +222,9 @@ class FakeCluster:
     async def run_job(
         self, job: dict[str, Any], deadline: float, progress: Callable[[str], None]
     ) -> str:
+        self.events.append("job started")
+        await asyncio.sleep(self.job_seconds)
+        self.events.append("job complete")
         progress(f"job/{job['metadata']['name']} complete")
         return ""
 
@@ -206,4 +251,11 @@ class FakeCluster:
     ) -> Verdict:
         if str(workload) in self.failing and str(workload) not in self.restored:
             return Verdict(False, self.failing[str(workload)], failed=True)
+        if self.hang_rollout and str(workload) not in self.restored:
+            self.events.append(f"waiting for {workload}")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.events.append(f"stopped waiting for {workload}")
+                raise
         return Verdict(True, "successfully rolled out")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from daemon.adapters.kubernetes import rules
@@ -121,6 +121,26 @@ def target_from(dep: Deployment, workload: Workload, obj: dict[str, Any]) -> Tar
         grace=pod.get("terminationGracePeriodSeconds"),
         env=executor_env,
     )
+
+
+def targets_json(targets: list[Target]) -> str:
+    """The targets as JSON: what a roll saves before it patches (see targets_from_json)."""
+    return json.dumps([asdict(t) for t in targets])
+
+
+def targets_from_json(text: str) -> list[Target]:
+    """The targets a roll saved, to put them back after its process died."""
+    out = []
+    for item in json.loads(text):
+        item["workload"] = Workload(**item["workload"])
+        out.append(Target(**item))
+    return out
+
+
+def deploy_of(obj: dict[str, Any]) -> str | None:
+    """The deploy id on a workload's pod template (the last deploy that patched it)."""
+    template = (obj.get("spec") or {}).get("template") or {}
+    return ((template.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_DEPLOY)
 
 
 def _chosen(dep: Deployment, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ runs as well (or instead), with pytest, in the same sandbox.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -28,8 +29,11 @@ async def run(ctx: DeployContext) -> str:
     """Run the DAG checks `integrity_test` asks for; return a summary or raise CheckError."""
     dep = ctx.deployment
     path = ctx.source / integrity.PROJECT_TEST
-    project_test = path.read_text(errors="replace") if path.is_file() else None
-    builtin, project = integrity.plan(dep.integrity_test, project_test)
+    # In a thread: the file is read and (for "auto") its syntax tree hashed, tens of ms.
+    project_test = await asyncio.to_thread(
+        lambda: path.read_text(errors="replace") if path.is_file() else None
+    )
+    builtin, project = await asyncio.to_thread(integrity.plan, dep.integrity_test, project_test)
     if project and project_test is None:
         raise CheckError(
             f"integrity_test is {dep.integrity_test!r}, but the project has no "
@@ -111,9 +115,11 @@ async def _builtin(ctx: DeployContext) -> tuple[str, str]:
         else:
             ctx.say(line, "parse")
 
-    parallel = max(1, min(int(dep.check_cpus), images.ncpu()))
+    # In a thread: the Engine's /info (the first time) and the checker's source file.
+    ncpu = await asyncio.to_thread(images.ncpu)
+    source = await asyncio.to_thread(PARSE_DAGS.read_text, encoding="utf-8")
+    parallel = max(1, min(int(dep.check_cpus), ncpu))
     config = {"import_timeout": dep.import_timeout_seconds + 5, "parallel": parallel}
-    source = PARSE_DAGS.read_text(encoding="utf-8")
     run, _ = await sandbox.run_python(
         ctx, "parse", ["-c", source], {"DEPLOYD_CHECK": config}, on_line=on_line
     )
@@ -125,7 +131,7 @@ async def _builtin(ctx: DeployContext) -> tuple[str, str]:
     except ValueError as exc:
         raise CheckError(f"the DAG check printed a malformed report ({exc}).") from exc
     ctx.report = _stored(report)
-    ctx.services.records.update(ctx.id, report=json.dumps(ctx.report))
+    await ctx.record(ctx.services.records.update, ctx.id, report=json.dumps(ctx.report))
     if report.get("fatal"):
         for line in str(report["fatal"]).splitlines()[-TRACEBACK_LINES:]:
             ctx.say("       " + line, "parse")

@@ -90,11 +90,16 @@ async def run(ctx: DeployContext) -> str:
         ctx.say(line, "pytest")
 
     run, _ = await sandbox.run_python(ctx, "pytest", ["-c", _WRAPPER], PYTEST_ENV, on_line=on_line)
+    records = ctx.services.records
     if junit:
         with contextlib.suppress(ValueError):
-            ctx.services.records.put_artifact(ctx.id, JUNIT_NAME, str(json.loads(junit[-1])))
-    ctx.services.records.put_artifact(
-        ctx.id, SUMMARY_NAME, json.dumps(counts(summary, failed, run.exit_code))
+            xml = str(json.loads(junit[-1]))
+            await ctx.record(records.put_artifact, ctx.id, JUNIT_NAME, xml)
+    await ctx.record(
+        records.put_artifact,
+        ctx.id,
+        SUMMARY_NAME,
+        json.dumps(counts(summary, failed, run.exit_code)),
     )
     bad = sandbox.ended_badly(run, "pytest", dep.check_timeout_seconds)
     if bad:

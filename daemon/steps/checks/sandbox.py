@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any
 
+from daemon.adapters.background import run_stoppable
 from daemon.core.context import DeployContext
 from daemon.core.ports import ContainerRun, Sandbox
 from daemon.steps.checks import dotenv
@@ -64,17 +66,22 @@ async def run_python(
     )
     env = environment(ctx, mount_at, extra_env)
     line_sink = on_line or (lambda line: ctx.say(line, step))
-    run = await asyncio.to_thread(
-        images.run_sandboxed,
-        ctx.image_id,
-        [*_PYTHON, *args],
-        project=ctx.source,
-        mount_at=mount_at,
-        environment=env,
-        sandbox=sandbox,
-        labels=ctx.labels,
-        on_line=line_sink,
-        stop=ctx.stop,
+    # Stopped (a cancel, a failed upload beside it): the container is killed and
+    # removed, and this waits for that.
+    run = await run_stoppable(
+        functools.partial(
+            images.run_sandboxed,
+            ctx.image_id,
+            [*_PYTHON, *args],
+            project=ctx.source,
+            mount_at=mount_at,
+            environment=env,
+            sandbox=sandbox,
+            labels=ctx.labels,
+            on_line=line_sink,
+            stop=ctx.stop,
+        ),
+        ctx.stop,
     )
     return run, mount_at
 
