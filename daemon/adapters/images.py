@@ -509,10 +509,11 @@ class Images:
 
     # -- housekeeping ---------------------------------------------------------
 
-    def prune(self, deployment: str, keep: int) -> list[str]:
-        """Remove local images of `deployment` beyond the newest `keep` (by deploy id)."""
+    def prune(self, labels: dict[str, str], keep: int) -> list[str]:
+        """Remove local images with `labels` (one deployment of one deployd) beyond the newest
+        `keep` (by deploy id)."""
         with self._engine():
-            images = self.api.images(filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"})
+            images = self.api.images(filters={"label": [f"{k}={v}" for k, v in labels.items()]})
 
         def deploy_no(img: dict[str, Any]) -> int:
             value = (img.get("Labels") or {}).get(LABEL_DEPLOY_ID, "0")

@@ -127,9 +127,16 @@ class DeployContext:
     @property
     def labels(self) -> dict[str, str]:
         """Labels that mark every image and container of this deploy."""
-        from daemon.core.ports import LABEL_COMMIT, LABEL_DEPLOY_ID, LABEL_DEPLOYMENT
+        from daemon.core.ports import (
+            LABEL_COMMIT,
+            LABEL_DEPLOY_ID,
+            LABEL_DEPLOYMENT,
+            LABEL_INSTANCE,
+            instance,
+        )
 
         return {
+            LABEL_INSTANCE: instance(self.services.settings.server.state_dir),
             LABEL_DEPLOYMENT: self.deployment.name,
             LABEL_DEPLOY_ID: str(self.id),
             LABEL_COMMIT: self.request.commit,

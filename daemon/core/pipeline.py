@@ -38,7 +38,7 @@ from daemon.core.deploys import Deploy
 from daemon.core.freezes import Freeze, describe
 from daemon.core.logs import DeployLog, Sink
 from daemon.core.policy import Branch, Frozen, Lifecycle
-from daemon.core.ports import LABEL_DEPLOY_ID, LABEL_DEPLOYMENT
+from daemon.core.ports import LABEL_DEPLOY_ID, LABEL_DEPLOYMENT, LABEL_INSTANCE, instance
 from daemon.core.recovery import reconcile_roll, recover, work_root
 from daemon.errors import EXIT_USAGE, Cancelled, DeploydError, DiskFull, StepFailed
 from daemon.printable import printable
@@ -532,12 +532,15 @@ class Pipeline:
         shutil.rmtree(ctx.workdir, ignore_errors=True)
         images = self.services.images
         try:
-            # Ids are per state_dir: another deployd on this Engine has a deploy #N too.
-            images.remove_containers(
-                {LABEL_DEPLOYMENT: ctx.deployment.name, LABEL_DEPLOY_ID: str(ctx.id)}
-            )
+            # Ids and names are per state_dir: another deployd on this Engine may have a
+            # deployment of the same name, and a deploy #N too.
+            mine = {
+                LABEL_INSTANCE: instance(self.services.settings.server.state_dir),
+                LABEL_DEPLOYMENT: ctx.deployment.name,
+            }
+            images.remove_containers({**mine, LABEL_DEPLOY_ID: str(ctx.id)})
             if ctx.image_id:
                 images.untag(ctx.deployment.image, build.build_tag(ctx))
-            images.prune(ctx.deployment.name, ctx.deployment.keep_images)
+            images.prune(mine, ctx.deployment.keep_images)
         except DeploydError as exc:
             log.warning("cleanup after deploy #%s: %s", ctx.id, exc)

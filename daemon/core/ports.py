@@ -8,6 +8,7 @@ in worker threads; Cluster calls are async.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,16 @@ LABEL_DEPLOYMENT = "deployd.deployment"
 LABEL_DEPLOY_ID = "deployd.deploy-id"
 LABEL_COMMIT = "deployd.commit"
 LABEL_ROLE = "deployd.role"
+# Which deployd (which state_dir) made it: deploy ids and deployment names are only
+# unique within one, and several may share an Engine.
+LABEL_INSTANCE = "deployd.instance"
+
+
+def instance(state_dir: Path) -> str:
+    """The LABEL_INSTANCE value of the deployd whose state is in `state_dir`."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+
+
 STAGING_TAG = "deployd-staging"
 
 Line = Callable[[str], None]
@@ -91,7 +102,7 @@ class Engine(Protocol):
         self, repository: str, tag: str, on_line: Line, stop: threading.Event | None = None
     ) -> str: ...
 
-    def prune(self, deployment: str, keep: int) -> list[str]: ...
+    def prune(self, labels: dict[str, str], keep: int) -> list[str]: ...
 
     def retag(
         self,

@@ -21,7 +21,7 @@ from daemon.adapters.locks import DeploymentLock
 from daemon.adapters.records import Records
 from daemon.core import deploys
 from daemon.core.policy import policy
-from daemon.core.ports import LABEL_DEPLOYMENT, Engine
+from daemon.core.ports import LABEL_DEPLOYMENT, LABEL_INSTANCE, Engine, instance
 from daemon.errors import DeploydError
 
 if TYPE_CHECKING:
@@ -73,7 +73,9 @@ def recover(
     _clean_work_dirs(work_root(state_dir, deployment), keep=current)
     if images is not None:
         with contextlib.suppress(DeploydError):
-            images.remove_containers({LABEL_DEPLOYMENT: deployment})
+            images.remove_containers(
+                {LABEL_INSTANCE: instance(state_dir), LABEL_DEPLOYMENT: deployment}
+            )
     return marked
 
 

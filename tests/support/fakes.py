@@ -148,7 +148,7 @@ class FakeEngine:
         # One digest per built image, as a registry gives (the staging upload's is the same).
         return "sha256:" + hashlib.sha256(self.last_image.encode()).hexdigest()
 
-    def prune(self, deployment: str, keep: int) -> list[str]:
+    def prune(self, labels: dict[str, str], keep: int) -> list[str]:
         return []
 
     def retag(
