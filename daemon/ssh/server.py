@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,11 @@ import asyncssh
 from daemon import names, views
 from daemon.adapters import repos
 from daemon.adapters.records import Records
+from daemon.adapters.reserve import RESERVE_BYTES
 from daemon.config import Deployment, Key, Settings
 from daemon.core import access, deploys, usecases
 from daemon.core.freezes import describe
-from daemon.errors import DeploydError
+from daemon.errors import DeploydError, DiskFull
 from daemon.ssh import pushrules
 from daemon.ssh.gate import Gate
 
@@ -467,7 +469,15 @@ async def _git(
             stderr=asyncio.subprocess.PIPE,
             env=env,
         )
-        return await _bridge(process, proc)
+        status = await _bridge(process, proc)
+        if status != 0 and command.name == "git-receive-pack":
+            # git's own words for a full disk ("unable to create temporary object
+            # directory") do not say why; the pusher is told.
+            state_dir = state.settings.server.state_dir
+            free = await asyncio.to_thread(shutil.disk_usage, state_dir)
+            if free.free < 2 * RESERVE_BYTES:
+                _err(process, f"deployd: {DiskFull(state_dir).message}")
+        return status
     finally:
         if not done.done():
             done.set_result(None)
