@@ -39,11 +39,7 @@ def deploy_json(d: Deploy) -> dict[str, Any]:
         "pid": d.pid,
         "error": d.error,
         "rollback_of": d.rollback_of,
-        "promoted_from": (
-            {"deployment": d.promoted_from, "deploy_id": d.promoted_from_id}
-            if d.promoted_from
-            else None
-        ),
+        "promoted_from": promoted_from_json(d),
         "cancelled_by": d.cancelled_by,
         "report": d.report,
         "created_at": d.created_at,
@@ -72,6 +68,13 @@ def freeze_json(f: Freeze | None) -> dict[str, Any] | None:
 def freeze_lines(freezes: dict[str, Freeze | None]) -> list[str]:
     """The line above a `deploys` table for each frozen deployment."""
     return [describe(f) for f in freezes.values() if f is not None]
+
+
+def promoted_from_json(d: Deploy) -> dict[str, Any] | None:
+    """Where a promotion took its image from, as the API and the webhook event show it."""
+    if not d.promoted_from:
+        return None
+    return {"deployment": d.promoted_from, "deploy_id": d.promoted_from_id}
 
 
 def log_json(row: LogLine) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from daemon import views
 from daemon.config import NotifyTarget
 from daemon.core import deploys, states
 from daemon.core.deploys import Deploy, DeployEvent
@@ -299,11 +300,7 @@ def webhook_event(
         "trigger": record.trigger,
         "action": record.action,
         "rollback_of": record.rollback_of,
-        "promoted_from": (
-            {"deployment": record.promoted_from, "deploy_id": record.promoted_from_id}
-            if record.promoted_from
-            else None
-        ),
+        "promoted_from": views.promoted_from_json(record),
         "commit": record.commit,
         "subject": record.description,
         "actor": record.actor,
