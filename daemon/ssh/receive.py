@@ -56,6 +56,7 @@ class Receiver:
         session = self.state.sessions.get(str(request.get("session", "")))
         if session is None:
             raise pushrules.Refused("this push did not come through deployd's SSH server.")
+        session.hooked = True
         dep = self.state.settings.deployment(session.deployment)
         repo = repos.repo_path(self.state.settings.server.state_dir, dep.name)
         updates = pushrules.parse_updates(list(request.get("updates") or []))

@@ -71,6 +71,7 @@ class PushSession:
     key: str
     deployment: str
     done: asyncio.Future[None]
+    hooked: bool = False  # the pre-receive hook reached deployd (git stored the push)
 
 
 @dataclass
@@ -454,9 +455,14 @@ async def _git(
         env["GIT_PROTOCOL"] = client_protocol
     token = ""
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    session: PushSession | None = None
     if command.name == "git-receive-pack":
+        if await _disk_full(state):
+            # git would fail with words that do not say why, or not store the push at all.
+            _err(process, f"deployd: {DiskFull(state.settings.server.state_dir).message}")
+            return 1
         token = secrets.token_hex(16)
-        state.sessions[token] = PushSession(key.name, deployment, done)
+        session = state.sessions[token] = PushSession(key.name, deployment, done)
         env.update(DEPLOYD_HOOK_SOCKET=str(state.hook_socket), DEPLOYD_SESSION=token)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -470,18 +476,21 @@ async def _git(
             env=env,
         )
         status = await _bridge(process, proc)
-        if status != 0 and command.name == "git-receive-pack":
-            # git's own words for a full disk ("unable to create temporary object
-            # directory") do not say why; the pusher is told.
-            state_dir = state.settings.server.state_dir
-            free = await asyncio.to_thread(shutil.disk_usage, state_dir)
-            if free.free < 2 * RESERVE_BYTES:
-                _err(process, f"deployd: {DiskFull(state_dir).message}")
+        if session is not None and not session.hooked and await _disk_full(state):
+            # The disk filled while git stored the push: git's own words ("unable to
+            # create temporary object directory", often with exit status 0) do not say why.
+            _err(process, f"deployd: {DiskFull(state.settings.server.state_dir).message}")
         return status
     finally:
         if not done.done():
             done.set_result(None)
         state.sessions.pop(token, None)
+
+
+async def _disk_full(state: SSHState) -> bool:
+    """Whether state_dir's disk has less room than the records keep in reserve, twice."""
+    usage = await asyncio.to_thread(shutil.disk_usage, state.settings.server.state_dir)
+    return usage.free < 2 * RESERVE_BYTES
 
 
 def git_limits(command: str, settings: Settings) -> list[str]:
