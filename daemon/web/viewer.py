@@ -7,6 +7,7 @@ middleware in identity.py puts one in `request["viewer"]` (None: nobody).
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
 from daemon.config import Key
@@ -22,6 +23,7 @@ class Viewer:
     csrf: str = ""  # what a form of this session must send back ('' for a link)
     link_deploy: int | None = None  # a signed status link: the one deploy it shows
     link_deployment: str = ""  # ... and that deploy's deployment
+    link_query: str = ""  # the link's own query ("exp=…&sig=…"), for its event stream's URL
 
     @property
     def name(self) -> str:
@@ -37,3 +39,9 @@ class Viewer:
     def may_rollback(self, deployment: str) -> bool:
         """Whether this viewer may roll `deployment` back (never through a link)."""
         return self.key is not None and access.allowed(self.key, deployment, access.DEPLOY)
+
+    def csrf_ok(self, sent: str) -> bool:
+        """Whether a form's CSRF token is this session's (constant time; links have none)."""
+        return bool(self.session and self.csrf) and hmac.compare_digest(
+            sent.encode(), self.csrf.encode()
+        )
