@@ -25,7 +25,7 @@ from daemon.adapters.kubernetes import plan
 from daemon.adapters.kubernetes import rules as rollout
 from daemon.core import cancel, deploys
 from daemon.core.context import DeployContext
-from daemon.errors import Cancelled, DeploydError, RolledBack
+from daemon.errors import Cancelled, DependencyUnreachable, DeploydError, RolledBack
 
 if TYPE_CHECKING:
     from daemon.adapters.kubernetes.plan import Target
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 # The workloads as they were before a roll patched them (an artifact of the deploy).
 SAVED_TARGETS = "roll-targets.json"
+RESTORE_RETRY_SECONDS = 2.0  # between tries to put a workload back while the API is away
 
 
 async def preflight(ctx: DeployContext) -> str:
@@ -97,7 +98,7 @@ async def run(ctx: DeployContext) -> str:
     else:
         ctx.say(f"-----> rollout failed: {reason}", "roll")
         ctx.say(f"-----> rolling back {len(patched)} workloads to what ran before", "roll")
-    restores = await asyncio.gather(*(cluster.restore(t) for t in patched), return_exceptions=True)
+    restores = await asyncio.gather(*(_restore(ctx, t) for t in patched), return_exceptions=True)
     unrestored = [
         f"{t.workload}: {_why(r)}"
         for t, r in zip(patched, restores, strict=True)
@@ -132,6 +133,28 @@ async def undo(records: Records, cluster: Cluster, deploy_id: int) -> tuple[list
         except DeploydError as exc:
             failures.append(f"{t.workload}: {exc.message}")
     return restored, failures
+
+
+async def _restore(ctx: DeployContext, target: Target) -> None:
+    """Put one workload back. While the API cannot be reached this is tried again, for up
+    to rollout_timeout_seconds: a rollback that gave up at the first refused connection
+    would leave the failed image running once the API is back (the wait that failed may
+    itself have failed because the API went away)."""
+    cluster = ctx.cluster
+    assert cluster is not None
+    deadline = time.monotonic() + ctx.deployment.rollout_timeout_seconds
+    told = False
+    while True:
+        try:
+            await cluster.restore(target)
+            return
+        except DependencyUnreachable as exc:
+            if time.monotonic() + RESTORE_RETRY_SECONDS > deadline:
+                raise
+            if not told:
+                ctx.say(f"       {target.workload}: {exc.message}; trying again", "roll")
+                told = True
+            await asyncio.sleep(RESTORE_RETRY_SECONDS)
 
 
 def _count(n: int) -> str:

@@ -306,6 +306,9 @@ class KubeCluster:
                 if not patient:
                     raise
                 verdict = rollout.Verdict(False, f"cannot read it: {exc.message}")
+                if progress is not None and verdict.message != last:
+                    progress(f"{verdict.message}; still waiting")  # the log says why it waits
+                    last = verdict.message
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
             verdict = judged(obj)

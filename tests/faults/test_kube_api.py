@@ -1,0 +1,114 @@
+"""The Kubernetes API unreachable in the middle of a rollout's wait (issue 15, Faults).
+
+deployd reaches the simulator through a proxy that can refuse connections (the API server
+gone); the test's own kubectl goes straight to it. A short outage: the wait goes on from a
+fresh read once the API answers, and the deploy succeeds. An outage longer than the
+rollout timeout: the rollout fails, and the rollback is tried again until the API is back,
+so the cluster runs what ran before and the deploy is `rolled_back` (not `failed` with the
+new image left running).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.world import World, make_world, set_rollout
+from tests.support.projects import commit_all
+from tests.support.tcpproxy import TcpProxy
+from tests.support.testenv import Infra
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 10  # the `push` deployment's rollout_timeout_seconds here
+
+
+@pytest.fixture
+def world(tmp_path: Path, testenv: Infra) -> Iterator[tuple[World, TcpProxy]]:
+    w = make_world(tmp_path / "w", testenv)
+    api = TcpProxy("127.0.0.1", w.sim.port).start()
+    proxied = w.root / "kubeconfig-proxied"
+    proxied.write_text(
+        w.sim.kubeconfig.read_text().replace(f"127.0.0.1:{w.sim.port}", f"127.0.0.1:{api.port}")
+    )
+    config = w.root / "deployd.toml"
+    text = config.read_text().replace(str(w.sim.kubeconfig), str(proxied))
+    # The first deployment ([[deployment]] `push`) gets a short rollout timeout.
+    first = text.index("rollout_timeout_seconds = 120")
+    text = text[:first] + f"rollout_timeout_seconds = {TIMEOUT}" + text[first + 29 :]
+    config.write_text(text)
+    try:
+        w.start()
+        yield w, api
+    finally:
+        api.accept()
+        api.stop()
+        w.stop()
+
+
+def log_of(w: World, deploy_id: object) -> list[str]:
+    rows = w.rows("SELECT line FROM log WHERE deploy_id = ? ORDER BY id", (deploy_id,))
+    return [str(r["line"]) for r in rows]
+
+
+def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
+    w, api = world
+    assert w.rows("SELECT 1")  # the records are there
+    push = w.start_push()
+    _, err = push.communicate(timeout=300)
+    assert push.returncode == 0, err
+    first = w.newest("push")
+    assert first is not None and first["state"] == "succeeded", err
+    running = w.template("push")
+
+    # 1. A short outage in the middle of a slow rollout: the wait resumes; it succeeds.
+    set_rollout(w, "push", "slow", 6)  # about 0.4 s a replica step
+    (w.local / "dags" / "changed.py").write_text("# during an API outage\n")
+    commit_all(w.local, "Rolled while the API goes away")
+    push = w.start_push()
+    rolling = w.wait_deploy("push", first["id"], step="roll", while_alive=push)
+    while not any("patched 1 of 1" in ln for ln in log_of(w, rolling["id"])):
+        assert push.poll() is None, push.communicate()
+        time.sleep(0.02)
+    api.refuse()
+    time.sleep(2.5)
+    api.accept()
+    _, err = push.communicate(timeout=300)
+    lines = log_of(w, rolling["id"])
+    print("\n" + "\n".join(ln for ln in lines if "cannot" in ln or "rolled out" in ln))
+    assert push.returncode == 0, err
+    assert w.deploy(rolling["id"])["state"] == "succeeded"
+    assert any("cannot read it" in ln and "still waiting" in ln for ln in lines), lines
+    assert w.template("push")[0] == str(rolling["id"])
+    w.kubectl("rollout", "status", "deployment/push-scheduler", "-n", "airflow", "--timeout=60s")
+
+    # 2. An outage past the rollout timeout: the rollout fails, the rollback waits for the
+    # API and then puts back what ran: `rolled_back`, and the cluster runs the last deploy.
+    good = w.template("push")
+    (w.local / "dags" / "changed.py").write_text("# during a long API outage\n")
+    commit_all(w.local, "Rolled while the API stays away")
+    push = w.start_push()
+    rolling = w.wait_deploy("push", rolling["id"], step="roll", while_alive=push)
+    while not any("patched 1 of 1" in ln for ln in log_of(w, rolling["id"])):
+        assert push.poll() is None, push.communicate()
+        time.sleep(0.02)
+    api.refuse()
+    t0 = time.monotonic()
+    while not any("trying again" in ln for ln in log_of(w, rolling["id"])):
+        assert push.poll() is None, push.communicate()
+        assert time.monotonic() - t0 < TIMEOUT + 60, log_of(w, rolling["id"])
+        time.sleep(0.1)
+    print(f"rollback waiting for the API after {time.monotonic() - t0:.1f} s")
+    api.accept()
+    _, err = push.communicate(timeout=300)
+    rec = w.deploy(rolling["id"])
+    print(f"after the long outage: {rec['state']}: {rec['error']}")
+    assert push.returncode != 0, err
+    assert rec["state"] == "rolled_back", (rec, log_of(w, rolling["id"]))
+    assert "cannot read it" in str(rec["error"]), rec["error"]
+    assert w.template("push") == good
+    assert good != running
+    w.kubectl("rollout", "status", "deployment/push-scheduler", "-n", "airflow", "--timeout=60s")
