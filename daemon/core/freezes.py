@@ -25,6 +25,8 @@ MAX_REASON = 500
 _DURATION = re.compile(r"(?:[0-9]+[smhdw])+")
 _PART = re.compile(r"([0-9]+)([smhdw])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# The last time a freeze may end: the views print it as a date, and dates end with 9999.
+_LATEST = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC).timestamp()
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,16 @@ def parse_until(text: str, now: float) -> float:
     """`--until TIME` as a Unix time: RFC 3339 (`2026-12-24T08:00:00+01:00`, `...Z`)
     or a duration from `now` (`90s`, `30m`, `2h`, `1d`, `1h30m`)."""
     value = text.strip()
+    text = text if len(text) <= 40 else text[:40] + "..."  # for the messages: one short line
+    too_late = UsageError(f"--until {text!r}: a freeze ends before the year 10000.")
     if _DURATION.fullmatch(value):
+        if len(value) > 40:  # int() refuses thousands of digits; 40 (unpadded) end past 9999
+            raise too_late
         seconds = sum(int(n) * _UNIT[u] for n, u in _PART.findall(value))
         if seconds <= 0:
             raise UsageError(f"--until {text!r}: a freeze lasts at least a second.")
+        if now + seconds > _LATEST:
+            raise too_late
         return now + seconds
     try:
         when = dt.datetime.fromisoformat(value.replace("z", "Z"))
@@ -73,6 +81,8 @@ def parse_until(text: str, now: float) -> float:
     until = when.timestamp()
     if until <= now:
         raise UsageError(f"--until {text!r} is in the past.")
+    if until > _LATEST:  # 9999-12-31T23:59:59-01:00
+        raise too_late
     return until
 
 

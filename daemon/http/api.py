@@ -1,10 +1,11 @@
 """The HTTP API: deployments, deploys and live logs in the CLI's `--json` shape, and the
 release-management actions.
 
-Every route needs `Authorization: Bearer <api_token_file's token>`, compared
-in constant time; without a configured token the API is closed. The token
+Every route but the description needs `Authorization: Bearer <api_token_file's
+token>`, compared in constant time; without a configured token the API is closed. The token
 acts as an admin key.
 
+    GET  /api/openapi.json                   this API's OpenAPI description (no token)
     GET  /api/deployments                    each with its freeze (or null)
     GET  /api/deploys?deployment=NAME[&limit=N]
     GET  /api/deploys/{id}
@@ -37,6 +38,7 @@ from daemon.core import usecases
 from daemon.core.context import DeployRequest
 from daemon.core.logs import DeployLog
 from daemon.errors import DeploydError, Refusal, UnknownDeployment, UsageError
+from daemon.http import openapi
 from daemon.http.auth import bearer_ok
 
 if TYPE_CHECKING:
@@ -67,8 +69,9 @@ class Api:
         self.pipeline = pipeline  # runs the promotions asked for (absent: 503)
 
     def routes(self) -> list[web.RouteDef]:
-        """The API's routes, each behind the token check."""
+        """The API's routes, each behind the token check but the description."""
         return [
+            web.get("/api/openapi.json", self.openapi),
             web.get("/api/deployments", self._guard(self.deployments)),
             web.get("/api/deploys", self._guard(self.deploys)),
             web.get("/api/deploys/{id}", self._guard(self.deploy)),
@@ -98,6 +101,11 @@ class Api:
                 return _error(400, exc.message)
 
         return guarded
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The API's OpenAPI description. Served without the token: it holds no data (no
+        deployment, no record), only what every client of deployd may know."""
+        return web.json_response(openapi.description())
 
     async def deployments(self, request: web.Request) -> web.Response:
         """Every configured deployment with its last successful and its unfinished deploys."""
@@ -155,7 +163,11 @@ class Api:
         follow = request.query.get("follow", "1") not in ("0", "false", "no")
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        lines = usecases.follow_log(self.records, ident, live=self._live(ident), follow=follow)
+        # With the settings, a deploy whose process died is marked interrupted, so
+        # following it ends (as for `deployd logs`) instead of polling forever.
+        lines = usecases.follow_log(
+            self.records, ident, live=self._live(ident), follow=follow, settings=self._settings()
+        )
         async for row in lines:
             await resp.write((json.dumps(views.log_json(row)) + "\n").encode())
         await resp.write_eof()
@@ -180,6 +192,8 @@ class Api:
             raise UsageError('the body needs "from": the deployment to promote from.')
         if wanted is not None and (isinstance(wanted, bool) or not isinstance(wanted, int | str)):
             raise UsageError('"deploy_id" must be a deploy id.')
+        if not isinstance(body.get("force", False), bool):
+            raise UsageError('"force" must be true or false.')
         if self.pipeline is None:
             return _error(503, "promotions run in deployd serve; this server has no pipeline.")
         settings = self._settings()
@@ -263,7 +277,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, LookupError):  # LookupError: an unknown charset
         raise UsageError("the body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise UsageError("the body must be a JSON object.")
