@@ -27,6 +27,7 @@ from daemon import config as config_mod
 from daemon.adapters import repos
 from daemon.adapters.github import StatusReporter
 from daemon.adapters.images import Images
+from daemon.adapters.kubernetes.watch import ClusterWatch
 from daemon.adapters.locks import DeploymentLock
 from daemon.adapters.records import Records
 from daemon.core.context import Services
@@ -44,6 +45,8 @@ from daemon.ssh import server as sshd
 from daemon.ssh.hookline import HookServer
 from daemon.ssh.receive import Receiver
 from daemon.systemd import Notifier
+from daemon.web.identity import Identity, ensure_secret
+from daemon.web.pages import Dashboard
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,12 @@ class Daemon:
         self.api = Api(
             lambda: self.services.settings, self.records, self.pipeline.live.get, self.pipeline
         )
-        self.statuses = StatusReporter(lambda: self.services.settings)
+        # Sign-in links, sessions, signed status links: one key in state_dir, made once.
+        self.identity = Identity(
+            lambda: self.services.settings, self.records, ensure_secret(state_dir / "web.key")
+        )
+        self.ssh.login = self.identity.login_url
+        self.statuses = StatusReporter(lambda: self.services.settings, self.identity.status_query)
         self.pipeline.observers.append(self.statuses.observe)
         self.deliverer = Deliverer(
             lambda: self.services.settings, self.records, on_outcome=self.metrics.notification
@@ -93,6 +101,15 @@ class Daemon:
         # A deploy of this process started or ended: its event is in the outbox now.
         self.pipeline.observers.append(lambda event, record: self.deliverer.wake())
         self.notifier = Notifier(dict(os.environ))
+        # What the clusters run, kept current by watches: the dashboard reads it per request.
+        self.cluster_watch = ClusterWatch(settings)
+        self.dashboard = Dashboard(
+            lambda: self.services.settings,
+            self.records,
+            self.pipeline.live.get,
+            self.pipeline,
+            self.cluster_watch.status,
+        )
         self.stop_requested = asyncio.Event()
         self.refreshing: set[asyncio.Task[None]] = set()
 
@@ -106,6 +123,7 @@ class Daemon:
         state_dir = settings.server.state_dir
         self.metrics.start()  # counts the recorded deploys in a thread meanwhile
         self.deliverer.start()  # its targets follow the outbox from here on
+        self.cluster_watch.start()  # lists and watches while the rest starts
         for name, gone in await asyncio.to_thread(self._recover_all):
             await reconcile_roll(self.services, name, gone)
         fingerprint = sshd.ensure_host_key(state_dir / "ssh_host_ed25519_key")
@@ -121,7 +139,13 @@ class Daemon:
         metrics = MetricsEndpoint(lambda: self.services.settings, self.metrics)
         own_metrics = settings.server.metrics_listen
         runner = web.AppRunner(
-            web_mod.make_app(self.webhooks, self.api, None if own_metrics else metrics),
+            web_mod.make_app(
+                self.webhooks,
+                self.api,
+                None if own_metrics else metrics,
+                identity=self.identity,
+                dashboard=self.dashboard,
+            ),
             access_log=None,
         )
         await runner.setup()
@@ -150,6 +174,7 @@ class Daemon:
             await self.hooks.close()
             await self.statuses.close(timeout=10)
             await runner.cleanup()
+            await self.cluster_watch.stop()  # cancels the watches: no open stream is waited on
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             watchdog.cancel()
@@ -196,6 +221,7 @@ class Daemon:
         self.ssh.load_keys(settings)
         self.services.settings = settings
         self.deliverer.reload()
+        self.cluster_watch.update(settings)  # new or changed deployments are listed again
         # The repositories' hooks and HEADs are refreshed off the event loop.
         task = asyncio.get_running_loop().create_task(self._refresh_repos(settings))
         self.refreshing.add(task)

@@ -155,16 +155,20 @@ def status_lines(status: Status) -> list[str]:
             out.append(f"      warning: managed by {tool}; its next sync will undo deployd's patch")
         for name, image in sorted(w["images"].items()):
             out.append(f"      {name}: {image}")
-        digest = (last.digest if last else None) or ""
-        repo = (last.image if last else None) or ""
         for image, count in sorted(w["pods_running"].items()):
             differs = (
-                f"  <- not deploy #{last.id}'s image"
-                if last and image.startswith(repo) and not image.endswith(digest)
-                else ""
+                f"  <- not deploy #{last.id}'s image" if last and runs_other(last, image) else ""
             )
             out.append(f"      running: {count} x {image}{differs}")
     return out
+
+
+def runs_other(last: Deploy | None, image: str) -> bool:
+    """Whether pods running `image` run another build of the deployment's image than
+    its last successful deploy `last` pushed (`status` and the dashboard flag them)."""
+    if last is None:
+        return False
+    return image.startswith(last.image or "") and not image.endswith(last.digest or "")
 
 
 def cancel_asked_line(asked: CancelAsked) -> str:
@@ -214,5 +218,6 @@ def help_lines(port: str) -> list[str]:
         f"  ssh -p {port} git@HOST unfreeze DEPLOYMENT    deploys again",
         f"  ssh -p {port} git@HOST cancel DEPLOY_ID       stop a queued or running deploy",
         f"  ssh -p {port} git@HOST logs DEPLOY_ID         the log of one deploy",
+        f"  ssh -p {port} git@HOST login                  a one-time link to the dashboard",
         f"  ssh -p {port} git@HOST help                   this text",
     ]

@@ -82,3 +82,7 @@ git -C "$PROJECT" push astro main
 .venv/bin/deployd --config "$QS/deployd.toml" deploys
 echo "-----> done: deployd serve runs on 127.0.0.1:2222 (pid $(cat "$QS/serve.pid")); config" \
      "$QS/deployd.toml, project $PROJECT" >&2
+# The dashboard, and a one-time sign-in link for the quick-start's key (valid 5 minutes;
+# `ssh -p 2222 git@127.0.0.1 login` makes another).
+echo "-----> dashboard: http://127.0.0.1:8080/  sign in (once, within 5 minutes):" >&2
+$GIT_SSH_COMMAND -p 2222 git@127.0.0.1 login

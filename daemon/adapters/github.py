@@ -31,8 +31,13 @@ MAX_WAIT = 60.0
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 
-def status_for(record: Deploy, public_url: str) -> dict[str, str]:
-    """The commit status body for a deploy record."""
+def status_for(record: Deploy, public_url: str, link_query: str = "") -> dict[str, str]:
+    """The commit status body for a deploy record.
+
+    Its link leads to the deploy's dashboard page, signed (`link_query`, made by
+    daemon/web/identity.py) so that whoever sees the status can open it without
+    signing in; unsigned, the page asks for a sign-in.
+    """
     state = record.state
     error = (record.error or "").strip()
     step = record.step or ""
@@ -57,7 +62,8 @@ def status_for(record: Deploy, public_url: str) -> dict[str, str]:
         "description": text if len(text) <= 140 else text[:139] + "…",
     }
     if public_url:
-        body["target_url"] = f"{public_url}/api/deploys/{record.id}"
+        query = f"?{link_query}" if link_query else ""
+        body["target_url"] = f"{public_url}/deploys/{record.id}{query}"
     return body
 
 
@@ -82,8 +88,12 @@ def retry_after(status: int, headers: Any, now: float) -> float | None:
 class StatusReporter:
     """Posts commit statuses for webhook deploys of deployments with a `github_repo`."""
 
-    def __init__(self, settings: Callable[[], Settings]) -> None:
+    def __init__(
+        self, settings: Callable[[], Settings], link_query: Callable[[int], str] | None = None
+    ) -> None:
         self._settings = settings
+        # A deploy id's signed link query ('' for none): Identity.status_query.
+        self._link_query = link_query or (lambda _deploy_id: "")
         self._session: aiohttp.ClientSession | None = None
         self._last: dict[int, asyncio.Task[None]] = {}
         self.pending: set[asyncio.Task[None]] = set()
@@ -98,7 +108,8 @@ class StatusReporter:
         if token is None or dep is None or dep.github_repo is None:
             return
         url = f"{settings.github.api_url}/repos/{dep.github_repo}/statuses/{record.commit}"
-        body = status_for(record, settings.server.public_url)
+        query = self._link_query(record.id) if settings.server.public_url else ""
+        body = status_for(record, settings.server.public_url, query)
         previous = self._last.get(record.id)
         task = asyncio.get_running_loop().create_task(self._post(previous, url, token, body))
         self._last[record.id] = task

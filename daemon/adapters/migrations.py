@@ -136,6 +136,23 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX freezes_deployment ON freezes (deployment, ended_at)")
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    # The dashboard's sign-in: one-time login tokens (made by `ssh ... login`) and the
+    # browser sessions they start. Only SHA-256 hashes of the tokens and cookies are
+    # kept, so the database alone signs nobody in; each row names the key (and its
+    # public key) whose permissions it carries, checked against the config on use.
+    db.execute(
+        "CREATE TABLE web_logins (token_hash TEXT PRIMARY KEY, key_name TEXT NOT NULL, "
+        "public_key TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, "
+        "used_at REAL)"
+    )
+    db.execute(
+        "CREATE TABLE web_sessions (id TEXT PRIMARY KEY, cookie_hash TEXT NOT NULL UNIQUE, "
+        "key_name TEXT NOT NULL, public_key TEXT NOT NULL, created_at REAL NOT NULL, "
+        "expires_at REAL NOT NULL)"
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_1,
     _migration_2,
@@ -143,6 +160,7 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

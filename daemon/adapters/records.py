@@ -482,10 +482,42 @@ class Records:
         )
         return [self._shape(r) for r in rows]
 
+    def find_deploys(
+        self,
+        deployment: str,
+        states: tuple[str, ...] = (),
+        trigger: str | None = None,
+        *,
+        limit: int = 50,
+        offset: int = 0,
+        count: bool = False,
+    ) -> tuple[list[Deploy], int]:
+        """A page of `deployment`'s deploys (newest first) in `states` (() = any) and from
+        `trigger` (None = any), and (if `count`) how many match in all, else -1 (the
+        dashboard's history, and its overview's last failure)."""
+        where, args = "deployment = ?", [deployment]
+        if states:
+            where += f" AND state IN ({', '.join('?' * len(states))})"
+            args += list(states)
+        if trigger is not None:
+            where += " AND trigger = ?"
+            args.append(trigger)
+        rows = self._rows(
+            f"SELECT * FROM deploys WHERE {where} ORDER BY id DESC LIMIT ? OFFSET ?",  # noqa: S608
+            [*args, limit, offset],
+        )
+        total = -1
+        if count:
+            found = self._one(f"SELECT COUNT(*) FROM deploys WHERE {where}", args)  # noqa: S608
+            total = int(found[0]) if found else 0
+        return [self._shape(r) for r in rows], total
+
     def in_flight(self, deployment: str) -> list[Deploy]:
         """Deploys of `deployment` still queued or running, oldest first."""
         rows = self._rows(
-            "SELECT * FROM deploys WHERE deployment = ? AND state IN (?, ?) ORDER BY id",
+            # `+deployment`: by the state index (few deploys are unfinished), not by scanning
+            # every deploy of the deployment.
+            "SELECT * FROM deploys WHERE +deployment = ? AND state IN (?, ?) ORDER BY id",
             [deployment, deploys.QUEUED, deploys.RUNNING],
         )
         return [self._shape(r) for r in rows]

@@ -149,6 +149,9 @@ def _server(t: Table) -> ServerSettings:
     )
     metrics_listen = t.get_str("metrics_listen", d.metrics_listen, check=v.listen_or_empty)
     metrics_token = t.secret("metrics_token_file")
+    session_seconds = t.seconds("session_seconds", d.session_seconds, minimum=60)
+    link_seconds = t.seconds("status_link_seconds", d.status_link_seconds, minimum=60)
+    signed_links = t.get_bool("signed_status_links", d.signed_status_links)
     t.done()
     return ServerSettings(
         state_dir,
@@ -162,6 +165,9 @@ def _server(t: Table) -> ServerSettings:
         per_source,
         metrics_listen,
         metrics_token,
+        session_seconds,
+        link_seconds,
+        signed_links,
     )
 
 

@@ -32,6 +32,11 @@ class ServerSettings:
     # /metrics on its own HOST:PORT ('' = on http_listen), behind a bearer token if set.
     metrics_listen: str = ""
     metrics_token: str | None = field(default=None, repr=False)
+    # The dashboard: how long a browser session lasts, how long a commit status's
+    # signed link to its deploy stays valid, and whether statuses carry such links.
+    session_seconds: int = 43200
+    status_link_seconds: int = 30 * 86400
+    signed_status_links: bool = True
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,11 @@ class DeployLog:
                 self._subscribers.append((asyncio.get_running_loop(), queue))
         return queue
 
+    def unsubscribe(self, queue: asyncio.Queue[LogLine | None]) -> None:
+        """Stop feeding `queue` (its follower went away: a browser closed its page)."""
+        with self._lock:
+            self._subscribers = [(lp, q) for lp, q in self._subscribers if q is not queue]
+
     def write(self, line: str, step: str | None = None) -> None:
         """Add one line (thread-safe); beyond the step's cap it is only counted."""
         line = printable(line.rstrip("\r\n"))

@@ -420,17 +420,21 @@ async def follow_log(
     process died is marked interrupted so that following it ends.
     """
     queue = live.subscribe() if live is not None and follow else None
-    for row in records.log_lines(deploy_id, after):
-        after = row.id
-        yield row
-    if not follow:
-        return
-    if queue is not None:
-        while (row_or_end := await queue.get()) is not None:
-            if row_or_end.id > after:
-                after = row_or_end.id
-                yield row_or_end
-        return
+    try:
+        for row in records.log_lines(deploy_id, after):
+            after = row.id
+            yield row
+        if not follow:
+            return
+        if queue is not None:
+            while (row_or_end := await queue.get()) is not None:
+                if row_or_end.id > after:
+                    after = row_or_end.id
+                    yield row_or_end
+            return
+    finally:
+        if queue is not None and live is not None:
+            live.unsubscribe(queue)  # a follower that went away is fed no more
     while True:
         rec = records.get(deploy_id)
         rows = records.log_lines(deploy_id, after)

@@ -144,7 +144,7 @@ class Command:
     """An SSH command deployd knows."""
 
     name: str  # git-receive-pack, git-upload-pack, deploys, status, logs, help, rollback,
-    # promote, freeze, unfreeze, cancel
+    # promote, freeze, unfreeze, cancel, login
     args: tuple[str, ...] = ()
     # rollback --freeze, freeze: the reason; freeze: --until TIME
     reason: str | None = None
@@ -171,6 +171,8 @@ def parse_command(line: str | None) -> Command:
     verb, args = words[0], tuple(words[1:])
     if verb == "help" and not args:
         return Command("help")
+    if verb == "login" and not args:
+        return Command("login")
     if verb == "deploys" and len(args) <= 1:
         for a in args:
             names.deployment_name(a)

@@ -85,6 +85,9 @@ class SSHState:
     keys: dict[str, Key] = field(default_factory=dict)
     # Runs rollbacks asked for over SSH (set by `deployd serve`).
     pipeline: Pipeline | None = None
+    # Makes a key's one-time dashboard sign-in URL and says how long it is valid, in
+    # seconds (`login`; set by `deployd serve`: daemon/web/identity.py).
+    login: Callable[[Key], tuple[str, int]] | None = None
     # Authenticated connections open now (metrics: deployd_ssh_sessions).
     authenticated: int = 0
     gate: Gate = field(init=False)
@@ -257,6 +260,9 @@ async def _handle(state: SSHState, process: asyncssh.SSHServerProcess[bytes]) ->
         elif command.name == "logs":
             _out(process, await _logs(state, key, command))
             status = 0
+        elif command.name == "login":
+            _out(process, await _login(state, key))
+            status = 0
         else:
             _out(process, _run_command(state, key, command))
             status = 0
@@ -321,6 +327,19 @@ async def _logs(state: SSHState, key: Key, command: pushrules.Command) -> list[s
         # Same answer for "none" and "not yours": ids of others' deploys stay private.
         raise Denied(f"there is no deploy #{command.args[0]} that key {key.name} may read.")
     return [row.line async for row in usecases.follow_log(state.records, rec.id, follow=False)]
+
+
+async def _login(state: SSHState, key: Key) -> list[str]:
+    """A one-time URL that signs this key in to the dashboard (any configured key may)."""
+    if state.login is None:
+        raise pushrules.Refused("this server has no dashboard to sign in to.")
+    url, seconds = await asyncio.to_thread(state.login, key)
+    return [
+        f"Open this link within {seconds // 60} minutes to sign in to the dashboard as {key.name}",
+        "(it works once; the session has this key's permissions):",
+        "",
+        f"  {url}",
+    ]
 
 
 async def _status(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:

@@ -2,13 +2,15 @@
 
 A viewer is either a signed-in SSH key (its permissions, as over SSH) or a
 signed status link, which shows one deploy and allows nothing else. The
-middleware in identity.py puts one in `request["viewer"]` (None: nobody).
+middleware in identity.py puts one in `request[VIEWER]` (None: nobody).
 """
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+
+from aiohttp import web
 
 from daemon.config import Key
 from daemon.core import access
@@ -45,3 +47,6 @@ class Viewer:
         return bool(self.session and self.csrf) and hmac.compare_digest(
             sent.encode(), self.csrf.encode()
         )
+
+
+VIEWER: web.RequestKey[Viewer | None] = web.RequestKey("viewer")  # request[VIEWER]

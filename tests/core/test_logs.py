@@ -77,3 +77,20 @@ async def test_a_held_database_keeps_nobody_waiting_and_keeps_the_order(tmp_path
     assert records.get(did).error == "the build broke"  # type: ignore[union-attr]
     log.close()
     other.close()
+
+
+async def test_a_follower_that_goes_away_is_fed_no_more(tmp_path: Path) -> None:
+    from daemon.core import usecases
+
+    records, deploy_id = make(tmp_path)
+    log = DeployLog(records, deploy_id)
+    log.write("before", "build")
+    lines = usecases.follow_log(records, deploy_id, live=log)
+    assert (await anext(lines)).line == "before"
+    log.write("while followed", "build")
+    assert (await anext(lines)).line == "while followed"
+    assert len(log._subscribers) == 1
+    await lines.aclose()  # the browser closed its page
+    assert log._subscribers == []
+    log.write("after", "build")  # queued for nobody
+    log.close()

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from daemon.web import identity
 from tests.support.fakegithub import FakeGitHub
 from tests.support.projects import GOOD_DAG, commit_all, git, make_project
 from tests.support.sshserver import Server, make_server
@@ -224,7 +226,13 @@ def test_signed_push_deploys_and_reports_statuses(hooked: Hooked) -> None:
     assert all(c.path == f"/repos/acme/dags/statuses/{commit}" for c in calls)
     assert calls[1].body["context"] == "deployd/prod"
     assert calls[1].body["description"] == f"deployed {rec['tag']}"
-    assert calls[1].body["target_url"] == f"https://deployd.example.com/api/deploys/{rec['id']}"
+    # The link is the deploy's page, signed with the daemon's key (daemon/web/identity.py).
+    link = urllib.parse.urlsplit(calls[1].body["target_url"])
+    assert link.netloc == "deployd.example.com" and link.path == f"/deploys/{rec['id']}"
+    query = dict(urllib.parse.parse_qsl(link.query))
+    secret = (hooked.srv.state_dir / "web.key").read_bytes()
+    assert identity.check_link(secret, rec["id"], query["exp"], query["sig"], time.time()) is None
+    assert int(query["exp"]) > time.time() + 29 * 86400  # status_link_seconds: 30 days
     assert [c.answered for c in hooked.github.calls][:2] == [502, 429]
     # The server repository's branch now names the deployed commit.
     server_repo = hooked.srv.state_dir / "repos" / "prod.git"

@@ -346,7 +346,9 @@ def test_status_for_each_outcome(
     body = status_for(_record(state, error, step), "https://deployd.example")
     assert body["state"] == gh and body["description"].startswith(text), body
     assert body["context"] == "deployd/prod"
-    assert body["target_url"] == "https://deployd.example/api/deploys/12"
+    assert body["target_url"] == "https://deployd.example/deploys/12"
+    signed = status_for(_record(state, error, step), "https://deployd.example", "exp=9&sig=ab")
+    assert signed["target_url"] == "https://deployd.example/deploys/12?exp=9&sig=ab"
     long = status_for(_record("failed", "x" * 500, "parse"), "")
     assert len(long["description"]) == 140 and "target_url" not in long
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import httpx2
 from lightkube import ApiError, AsyncClient
 from lightkube.config.kubeconfig import KubeConfig
+from lightkube.core.exceptions import NotReadyError
 from lightkube.models.authorization_v1 import ResourceAttributes, SelfSubjectAccessReviewSpec
 from lightkube.resources.apps_v1 import Deployment as K8sDeployment
 from lightkube.resources.apps_v1 import StatefulSet as K8sStatefulSet
@@ -36,6 +37,7 @@ from daemon.errors import ClusterError, DependencyUnreachable
 T = TypeVar("T")
 KINDS: dict[str, Any] = {"deployment": K8sDeployment, "statefulset": K8sStatefulSet}
 Judge = Callable[[dict[str, Any]], rollout.Verdict]
+WATCH_SECONDS = 300  # a watch the API server ends after this is resumed where it was
 
 
 class KubeCluster:
@@ -74,15 +76,48 @@ class KubeCluster:
         return dict(obj.to_dict())
 
     async def _pods(self, workload: Workload, selector: dict[str, str]) -> list[dict[str, Any]]:
-        async def listing() -> list[dict[str, Any]]:
-            return [
-                dict(p.to_dict())
-                async for p in self.client.list(
-                    Pod, namespace=self.namespace, labels=dict[str, Any](selector)
-                )
-            ]
+        return (await self.pods_at(workload, selector))[0]
+
+    async def pods_at(
+        self, workload: Workload, selector: dict[str, str]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The workload's pods and the list's resourceVersion: where a watch of them starts."""
+
+        async def listing() -> tuple[list[dict[str, Any]], str | None]:
+            found = self.client.list(Pod, namespace=self.namespace, labels=dict[str, Any](selector))
+            pods = [dict(p.to_dict()) async for p in found]
+            with contextlib.suppress(NotReadyError):  # the server sent no version
+                return pods, found.resourceVersion
+            return pods, None
 
         return await self._api(f"listing the pods of {workload}", listing)
+
+    def changes(
+        self, workload: Workload, rv: str | None, selector: dict[str, str] | None = None
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]]]:
+        """Watch events (type, object as a dict) after `rv`: of the workload, or of its pods.
+
+        With a `selector`, the pods it selects; without, the workload itself.
+        Streams the server ends are resumed by lightkube from the last version
+        seen; an expired version (410) and connection errors are raised.
+        """
+        if selector is None:
+            watch = self.client.watch(
+                KINDS[workload.kind],
+                namespace=self.namespace,
+                fields={"metadata.name": workload.name},
+                resource_version=rv,
+                server_timeout=WATCH_SECONDS,
+            )
+        else:
+            watch = self.client.watch(
+                Pod,
+                namespace=self.namespace,
+                labels=dict[str, Any](selector),
+                resource_version=rv,
+                server_timeout=WATCH_SECONDS,
+            )
+        return _as_dicts(watch)
 
     async def get(self, workload: Workload) -> dict[str, Any]:
         """The workload as the API server has it, as a plain dict."""
@@ -343,6 +378,16 @@ class KubeCluster:
                 server_timeout=60,
             ),
         )
+
+
+async def _as_dicts(
+    watch: AsyncIterable[tuple[str, Any]],
+) -> AsyncGenerator[tuple[str, dict[str, Any]]]:
+    """lightkube's watch events with plain dicts; its HTTP stream closes with this generator."""
+    events = cast("AsyncGenerator[tuple[str, Any]]", watch)  # typed AsyncIterable, is one
+    async with contextlib.aclosing(events):
+        async for event, item in events:
+            yield event, dict(item.to_dict())
 
 
 def _status_of(exc: httpx2.HTTPStatusError) -> tuple[int, str, str]:
