@@ -36,6 +36,7 @@ install_packages() {
     command -v git >/dev/null || missing+=(git)
     command -v kubectl >/dev/null || missing+=(kubernetes-client)   # tests hold the API simulator to kubectl
     command -v prometheus >/dev/null || missing+=(prometheus)   # tests scrape /metrics with it; promtool checks the rules
+    [ -x /usr/bin/chromium ] || missing+=(chromium)   # the dashboard's browser tests (Playwright drives it; no browser download)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]}"
         apt-get update -qq
