@@ -23,7 +23,7 @@ from daemon import config as config_mod
 from daemon import names, views
 from daemon.adapters.images import Images
 from daemon.adapters.records import Records
-from daemon.core import deploys, usecases
+from daemon.core import access, deploys, usecases
 from daemon.core.context import DeployRequest, Services
 from daemon.core.deploys import Deploy, Options
 from daemon.core.freezes import describe
@@ -103,7 +103,7 @@ def check_config(ctx: click.Context, config_path: str | None) -> None:
             click.echo(f"  {window}")
     for key in settings.keys:
         scope = "admin" if key.admin else ", ".join(key.deployments) or "no deployments"
-        click.echo(f"key {key.name}: {scope}")
+        click.echo(f"key {key.name}: {scope}{' (read-only)' if access.read_only(key) else ''}")
 
 
 @main.command()

@@ -71,6 +71,12 @@ deployments = ["prod", "staging"]
 name = "root"
 public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGy root@ci"
 admin = true
+
+[[key]]
+name = "airflow"
+public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGz airflow@dag-processor"
+deployments = ["prod"]
+access = "read"
 """
 
 
@@ -110,6 +116,8 @@ def test_full_config_loads_every_key(secrets: Path) -> None:
     assert staging.branch == "main" and staging.tag_template == config.DEFAULT_TAG_TEMPLATE
     assert staging.keep_images == 10 and staging.integrity_test == "auto"
     assert settings.keys[1].admin and settings.keys[0].deployments == ("prod", "staging")
+    assert settings.keys[0].access == "deploy"  # the default: today's rights
+    assert settings.keys[2].access == "read" and settings.keys[2].deployments == ("prod",)
 
 
 def test_secrets_are_not_in_repr(secrets: Path) -> None:
@@ -196,6 +204,17 @@ def test_minimal_config_takes_defaults(tmp_path: Path) -> None:
             "key[0].deployments",
             "no deployment named 'nope'",
         ),
+        (
+            '[[key]]\nname = "bob"\npublic_key = "ssh-ed25519 AAAA"\naccess = "write"\n',
+            "key[0].access",
+            "'write' is not one of deploy, read",
+        ),
+        (
+            '[[key]]\nname = "bob"\npublic_key = "ssh-ed25519 AAAA"\nadmin = true\n'
+            'access = "read"\n',
+            "key[0].access",
+            '"read" cannot be combined with admin = true',
+        ),
         ("[server\n", "", "not valid TOML"),
     ],
 )
@@ -250,6 +269,7 @@ def test_check_config_prints_deployments(secrets: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "deployment prod: branch main -> registry.example.com/airflow/prod" in proc.stdout
     assert "deployment staging" in proc.stdout and "key root: admin" in proc.stdout
+    assert "key airflow: prod (read-only)" in proc.stdout
 
 
 def test_check_config_error_is_one_line_exit_2(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from daemon.config import table as v
 from daemon.config.settings import (
     DEFAULT_NOTIFY_EVENTS,
     DEFAULT_TAG_TEMPLATE,
+    KEY_ACCESS,
     NOTIFY_EVENTS,
     NOTIFY_TYPES,
     Deployment,
@@ -268,8 +269,17 @@ def _key(t: Table, deployments: set[str]) -> Key:
         if dep not in deployments:
             raise ConfigError(f"{t.where}.deployments", f"no deployment named {dep!r}.")
     admin = t.get_bool("admin", False)
+    level = t.get_str("access", "deploy", check=v.one_of(KEY_ACCESS))
+    if admin and level == "read":
+        # An admin key deploys everywhere and pushes through freezes: "read" would
+        # be a promise that the key cannot keep.
+        raise ConfigError(
+            f"{t.where}.access",
+            '"read" cannot be combined with admin = true (an admin key may deploy anywhere); '
+            "drop one of them.",
+        )
     t.done()
-    return Key(name, public_key, tuple(allowed), admin)
+    return Key(name, public_key, tuple(allowed), admin, level)
 
 
 def _notify(t: Table, deployments: set[str]) -> NotifyTarget:

@@ -130,12 +130,21 @@ class Deployment:
 
 @dataclass(frozen=True)
 class Key:
-    """[[key]]: an SSH public key and the deployments it may use."""
+    """[[key]]: an SSH public key, the deployments it may use and how (`access`).
+
+    `access = "read"` makes a key that fetches and reads only: what Airflow's
+    GitDagBundle or git-sync is given to read DAGs from deployd's repositories,
+    so that a leaked copy of it cannot deploy anything.
+    """
 
     name: str
     public_key: str
     deployments: tuple[str, ...] = ()
     admin: bool = False
+    access: str = "deploy"  # KEY_ACCESS: "deploy" (push, roll back, ...) or "read"
+
+
+KEY_ACCESS = ("deploy", "read")
 
 
 NOTIFY_TYPES = ("slack", "msteams", "webhook")

@@ -1,10 +1,14 @@
 """Who may do what to which deployment (pure).
 
-A key reads and deploys the deployments in its list; an admin key all of
-them; the HTTP API's token acts as admin. There is no read-only kind of key
-yet (SPEC's `access = "read"`), so today read access and deploy access are
-the same list: a promotion asks for deploy access on its target and read
-access on its source, and will mean more once read keys exist.
+A key reads the deployments in its list; an admin key all of them; the HTTP
+API's token acts as admin. A key with `access = "deploy"` (the default) also
+deploys them; one with `access = "read"` only reads them (fetch, ls-remote,
+`deploys`, `status`, `logs`): it is the key handed to Airflow's GitDagBundle or
+git-sync, which must never be able to change what runs. A promotion asks for
+deploy access on its target and read access on its source.
+
+Every surface that acts for a key asks here (SSH commands and git, the
+dashboard), so that there is one answer to "may this key do that".
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ def allowed(key: Key, deployment: str, access: str) -> bool:
     """Whether `key` has `access` (READ or DEPLOY) on `deployment`."""
     if access not in (READ, DEPLOY):
         raise ValueError(f"unknown access {access!r}")
+    if access == DEPLOY and read_only(key):
+        return False
     return key.admin or deployment in key.deployments
+
+
+def read_only(key: Key) -> bool:
+    """Whether `key` was given `access = "read"` (config refuses it with admin)."""
+    return key.access == READ
 
 
 def require(key: Key | None, deployment: str, access: str) -> None:
@@ -38,7 +49,16 @@ def require(key: Key | None, deployment: str, access: str) -> None:
 
 
 def forbidden(key: Key, deployment: str, access: str) -> Forbidden:
-    """The refusal of `access` on `deployment` to `key` (for unknown deployments too)."""
+    """The refusal of `access` on `deployment` to `key` (for unknown deployments too).
+
+    A read key asking to deploy is told it is read-only, whatever the deployment:
+    the words are the same for its own, another and an unknown one.
+    """
+    if access == DEPLOY and read_only(key):
+        return Forbidden(
+            f"key {key.name} is read-only: it may fetch and read, not change "
+            f"deployment {deployment}."
+        )
     verb = "read" if access == READ else "deploy to"
     return Forbidden(f"key {key.name} may not {verb} deployment {deployment}.")
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from daemon import names
+from daemon.core import access
 from daemon.core.deploys import Options
 from daemon.errors import DeploydError
 
@@ -149,6 +150,18 @@ class Command:
     # rollback --freeze, freeze: the reason; freeze: --until TIME
     reason: str | None = None
     until: str | None = None
+
+    @property
+    def access(self) -> str:
+        """The access (core/access.py) it needs on its deployment: READ for what only reads.
+
+        A push, rollback, promotion (into its target), freeze, unfreeze and cancel
+        change what runs; fetching, listing, status, logs, help and login do not.
+        """
+        return access.READ if self.name in _READING else access.DEPLOY
+
+
+_READING = frozenset({"git-upload-pack", "deploys", "status", "logs", "help", "login"})
 
 
 def parse_command(line: str | None) -> Command:

@@ -3,7 +3,9 @@
 Only `git-receive-pack` / `git-upload-pack` on a deployment name and the
 deployd commands are run; shells, ptys, forwarding, agents, X11, subsystems
 and client environment variables (but GIT_PROTOCOL) are refused or ignored.
-A key reads and pushes only its own deployments (admin: all).
+A key reads and pushes only its own deployments (admin: all), and a read key
+(`access = "read"`) only reads them: every command asks core/access.py for the
+access it needs (`Command.access`), git's push before git starts.
 """
 
 from __future__ import annotations
@@ -108,11 +110,6 @@ class SSHState:
             keys[bytes(parsed.public_data).hex()] = key
         self.settings = settings
         self.keys = keys
-
-
-def may_use(key: Key, deployment: str) -> bool:
-    """Whether `key` may read, push to and roll back `deployment`."""
-    return key.admin or deployment in key.deployments
 
 
 class _Server(asyncssh.SSHServer):
@@ -292,13 +289,16 @@ def _err(process: asyncssh.SSHServerProcess[bytes], line: str) -> None:
         process.stderr.write((line + "\n").encode())
 
 
-def _deployment(state: SSHState, key: Key, name: str) -> Deployment:
-    """The deployment `name` if `key` may use it; the same refusal for unknown and forbidden,
-    so that a key learns nothing about deployments that are not its own."""
+def _deployment(state: SSHState, key: Key, name: str, need: str) -> Deployment:
+    """The deployment `name` if `key` has `need` (READ or DEPLOY) on it; the same refusal
+    for unknown and forbidden, so that a key learns nothing about deployments that are
+    not its own. A read key asking to change one is told it is read-only (for any name)."""
     dep = next((d for d in state.settings.deployments if d.name == name), None)
-    if dep is None or not may_use(key, dep.name):
-        raise Denied(f"key {key.name} may not use deployment {name}.")
-    return dep
+    if dep is not None and access.allowed(key, dep.name, need):
+        return dep
+    if need == access.DEPLOY and access.read_only(key):
+        raise access.forbidden(key, name, need)
+    raise Denied(f"key {key.name} may not use deployment {name}.")
 
 
 def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:
@@ -308,9 +308,13 @@ def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[
         return views.help_lines(port)
     if command.name == "deploys":
         if command.args:
-            allowed = [_deployment(state, key, command.args[0]).name]
+            allowed = [_deployment(state, key, command.args[0], command.access).name]
         else:
-            allowed = [d.name for d in state.settings.deployments if may_use(key, d.name)]
+            allowed = [
+                d.name
+                for d in state.settings.deployments
+                if access.allowed(key, d.name, command.access)
+            ]
         frozen = {
             d.name: usecases.freeze_of(records, d)
             for d in state.settings.deployments
@@ -323,7 +327,7 @@ def _run_command(state: SSHState, key: Key, command: pushrules.Command) -> list[
 
 async def _logs(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:
     rec = state.records.get(names.deploy_id(command.args[0]))
-    if rec is None or not may_use(key, rec.deployment):
+    if rec is None or not access.allowed(key, rec.deployment, command.access):
         # Same answer for "none" and "not yours": ids of others' deploys stay private.
         raise Denied(f"there is no deploy #{command.args[0]} that key {key.name} may read.")
     return [row.line async for row in usecases.follow_log(state.records, rec.id, follow=False)]
@@ -343,7 +347,7 @@ async def _login(state: SSHState, key: Key) -> list[str]:
 
 
 async def _status(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:
-    dep = _deployment(state, key, command.args[0])
+    dep = _deployment(state, key, command.args[0], command.access)
     assert state.pipeline is not None
     return views.status_lines(await usecases.status(state.pipeline.services, dep))
 
@@ -358,7 +362,7 @@ def _allowed(state: SSHState, key: Key, name: str, need: str) -> Deployment:
 
 
 def _freeze(state: SSHState, key: Key, command: pushrules.Command) -> list[str]:
-    dep = _allowed(state, key, command.args[0], access.DEPLOY)
+    dep = _allowed(state, key, command.args[0], command.access)
     if command.name == "freeze":
         made = usecases.freeze(
             state.records, dep, by=key.name, reason=command.reason or "", until=command.until
@@ -376,13 +380,20 @@ async def _cancel(
 ) -> int:
     """Cancel a deploy of the key's deployments; its lines follow until it stops."""
     ident = int(command.args[0])
+
+    def may(deployment: str) -> bool:
+        if not access.allowed(key, deployment, access.READ):
+            return False  # refused like an unknown id
+        access.require(key, deployment, command.access)  # a read key: one line, read-only
+        return True
+
     asked = await asyncio.to_thread(
         functools.partial(
             usecases.cancel,
             state.records,
             ident,
             by=key.name,
-            may=lambda deployment: access.allowed(key, deployment, access.DEPLOY),
+            may=may,
             caller=f"key {key.name}",
         )
     )
@@ -422,9 +433,9 @@ async def _rollback(
     state: SSHState, process: asyncssh.SSHServerProcess[bytes], key: Key, command: pushrules.Command
 ) -> int:
     if command.reason is not None:  # rollback --freeze: refusals exit 2
-        dep = _allowed(state, key, command.args[0], access.DEPLOY)
+        dep = _allowed(state, key, command.args[0], command.access)
     else:
-        dep = _deployment(state, key, command.args[0])
+        dep = _deployment(state, key, command.args[0], command.access)
     wanted = int(command.args[1]) if len(command.args) > 1 else None
     request = usecases.rollback(
         state.settings, state.records, dep, wanted, trigger="ssh", actor=key.name, force=False
@@ -459,7 +470,7 @@ async def _run_deploy(
 async def _git(
     state: SSHState, process: asyncssh.SSHServerProcess[bytes], key: Key, command: pushrules.Command
 ) -> int:
-    dep = _deployment(state, key, command.args[0])
+    dep = _deployment(state, key, command.args[0], command.access)  # a push: before git
     deployment = dep.name
     repo = await asyncio.to_thread(
         repos.ensure, state.settings.server.state_dir, deployment, dep.branch

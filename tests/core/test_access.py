@@ -13,17 +13,43 @@ ALICE = Key("alice", "ssh-ed25519 AAAA", ("prod",))
 BOB = Key("bob", "ssh-ed25519 BBBB", ("staging",))
 BOTH = Key("carol", "ssh-ed25519 CCCC", ("prod", "staging"))
 ROOT = Key("root", "ssh-ed25519 DDDD", (), admin=True)
+AIRFLOW = Key("airflow", "ssh-ed25519 EEEE", ("prod",), access="read")
 
 
 @pytest.mark.parametrize(
     ("key", "deployment", "ok"),
     [(ALICE, "prod", True), (ALICE, "staging", False), (BOB, "prod", False), (ROOT, "any", True)],
 )
-def test_read_and_deploy_access_are_the_keys_list_today(
+def test_a_deploy_key_reads_and_deploys_the_deployments_in_its_list(
     key: Key, deployment: str, ok: bool
 ) -> None:
     assert access.allowed(key, deployment, READ) is ok
     assert access.allowed(key, deployment, DEPLOY) is ok
+
+
+def test_a_read_key_reads_its_deployments_and_deploys_none() -> None:
+    assert access.allowed(AIRFLOW, "prod", READ)
+    assert not access.allowed(AIRFLOW, "staging", READ)
+    assert not access.allowed(AIRFLOW, "prod", DEPLOY)
+    assert access.read_only(AIRFLOW) and not access.read_only(ALICE)
+    access.require(AIRFLOW, "prod", READ)
+
+
+@pytest.mark.parametrize("deployment", ["prod", "staging", "nowhere"])
+def test_a_read_key_is_told_it_is_read_only_alike_for_every_deployment(deployment: str) -> None:
+    with pytest.raises(Forbidden) as refused:
+        access.require(AIRFLOW, deployment, DEPLOY)
+    assert refused.value.message == (
+        f"key airflow is read-only: it may fetch and read, not change deployment {deployment}."
+    )
+    assert refused.value.exit_code == EXIT_USAGE
+
+
+def test_a_read_key_promotes_nothing_even_between_its_own() -> None:
+    both = Key("airflow", "ssh-ed25519 EEEE", ("prod", "staging"), access="read")
+    with pytest.raises(Forbidden, match=r"^key airflow is read-only: "):
+        access.require_promotion(both, "staging", "prod")
+    assert not access.may_override_freeze(both)
 
 
 def test_a_promotion_needs_deploy_on_the_target_and_read_on_the_source() -> None:

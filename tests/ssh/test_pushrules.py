@@ -113,3 +113,26 @@ def test_everything_else_is_refused(line: str | None) -> None:
     with pytest.raises(Exception) as info:
         parse_command(line)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("line", "need"),
+    [
+        ("git-upload-pack 'prod'", "read"),
+        ("deploys", "read"),
+        ("status prod", "read"),
+        ("logs 4", "read"),
+        ("help", "read"),
+        ("login", "read"),
+        ("git-receive-pack 'prod'", "deploy"),
+        ("rollback prod", "deploy"),
+        ("rollback prod --freeze", "deploy"),
+        ("promote staging prod", "deploy"),
+        ("freeze prod --reason x", "deploy"),
+        ("unfreeze prod", "deploy"),
+        ("cancel 4", "deploy"),
+    ],
+)
+def test_each_command_says_the_access_it_needs(line: str, need: str) -> None:
+    # What a read key (access = "read") may run: only what changes nothing.
+    assert parse_command(line).access == need

@@ -1,8 +1,9 @@
 """The SSH side of the daemon in one process, for the unit tier: settings from a TOML file in
 tmp_path with generated keys, real SQLite records and git, the FakeEngine and FakeCluster.
 
-Keys: alice may use prod, bob staging, root is admin; eve's key is generated but not
-configured. prod names workloads (status and rollback reach the FakeCluster), staging none.
+Keys: alice may use prod, bob staging, root is admin, airflow may only read prod
+(`access = "read"`); eve's key is generated but not configured. prod names workloads
+(status and rollback reach the FakeCluster), staging none.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from tests.support.fakes import FakeCluster, FakeEngine
 from tests.support.projects import commit_all, make_project
 
 WORKLOADS = ("deployment/airflow-scheduler", "statefulset/airflow-worker")
-KEYS = {"alice": (["prod"], False), "bob": (["staging"], False), "root": ([], True)}
+KEYS = {
+    "alice": (["prod"], False),
+    "bob": (["staging"], False),
+    "root": ([], True),
+    "airflow": (["prod"], False),
+}
+READ_KEYS = ("airflow",)  # access = "read"
 
 
 def _quoted(values: list[str] | tuple[str, ...]) -> str:
@@ -79,6 +86,7 @@ class SSHWorld:
                 f'public_key = "{public}"',
                 f"deployments = {_quoted(deployments)}",
                 f"admin = {str(admin).lower()}",
+                f'access = "{"read" if name in READ_KEYS else "deploy"}"',
             ]
         path.write_text("\n".join(lines) + "\n")
         return path
