@@ -64,10 +64,6 @@ log = logging.getLogger(__name__)
 # Seconds-to-minutes work: a DAG parse takes seconds, a build or a rollout minutes.
 BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
 
-# What a deploy ships, as SQL over a `deploys` row: every deploy is an image deploy
-# until DAG deploys (kind "dags") record their kind. The one place to change.
-KIND_SQL = "'image'"
-
 # deployd_webhook_deliveries_total: what /webhooks/github answered (http/webhooks.py).
 WEBHOOK_OUTCOMES = ("deployed", "ignored", "duplicate", "unauthorized", "rejected")
 # The event label takes GitHub's event names from this list, anything else is "other":
@@ -213,7 +209,7 @@ def _read_finished(records: Records, where: str, args: list[Any]) -> Tally:
     scope_args = [*final, *args]
     tally = Tally()
     for row in records.read(
-        f"SELECT deployment, trigger, action, {KIND_SQL} AS kind, state, COUNT(*) AS n "  # noqa: S608
+        "SELECT deployment, trigger, action, kind, state, COUNT(*) AS n "  # noqa: S608
         f"FROM deploys WHERE {scope} GROUP BY deployment, trigger, action, kind, state",
         scope_args,
     ):
@@ -221,7 +217,7 @@ def _read_finished(records: Records, where: str, args: list[Any]) -> Tally:
         tally.deployments[row["deployment"]].deploys[key] += int(row["n"])
     untimed = list(_UNTIMED_DEPLOY_STATES)
     for row in records.read(
-        f"WITH x AS MATERIALIZED (SELECT deployment, {KIND_SQL} AS kind, "  # noqa: S608
+        "WITH x AS MATERIALIZED (SELECT deployment, kind, "  # noqa: S608
         f"MAX(finished_at - started_at, 0) AS d FROM deploys WHERE {scope} "
         "AND started_at IS NOT NULL AND finished_at IS NOT NULL "
         f"AND state NOT IN ({_marks(untimed)})) "

@@ -21,6 +21,7 @@ def deploy_json(d: Deploy) -> dict[str, Any]:
         "state": d.state,
         "trigger": d.trigger,
         "action": d.action,
+        "kind": d.kind,
         "actor": d.actor,
         "ref": d.ref,
         "commit": d.commit,
@@ -94,15 +95,15 @@ def deploy_table(rows: list[Deploy]) -> list[str]:
     if not rows:
         return ["no deploys yet"]
     out = [
-        f"{'ID':>5}  {'DEPLOYMENT':<14} {'STATE':<12} {'COMMIT':<8} {'WHEN (UTC)':<19} "
-        f"{'TRIGGER':<8} {'ACTOR':<12} TAG / ERROR"
+        f"{'ID':>5}  {'DEPLOYMENT':<14} {'STATE':<12} {'KIND':<6} {'COMMIT':<8} "
+        f"{'WHEN (UTC)':<19} {'TRIGGER':<8} {'ACTOR':<12} TAG / ERROR"
     ]
     for r in rows:
         what = r.tag if r.state == deploys.SUCCEEDED else (r.error or "")
         if r.promoted_from and r.state == deploys.SUCCEEDED:
             what = f"{what} (promoted from {r.promoted_from} #{r.promoted_from_id})"
         out.append(
-            f"{r.id:>5}  {r.deployment:<14} {r.state:<12} "
+            f"{r.id:>5}  {r.deployment:<14} {r.state:<12} {r.kind:<6} "
             f"{(r.commit or '')[:7]:<8} {when(r.created_at):<19} {r.trigger:<8} "
             f"{r.actor[:12]:<12} {what}"
         )
@@ -139,6 +140,7 @@ def status_lines(status: Status) -> list[str]:
             f"{when(last.finished_at)} UTC"
         )
         out.append(f"  image:    {last.image}:{last.tag}@{last.digest}")
+        out.append(f"  kind:     {last.kind} deploy")
     for rec in in_flight:
         out.append(f"  {rec.state}: deploy #{rec.id} of {(rec.commit or '')[:12]} by {rec.actor}")
     if isinstance(cluster, str):

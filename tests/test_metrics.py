@@ -74,6 +74,7 @@ class World:
         steps: dict[str, tuple[str, float | None]] | None = None,
         records: Records | None = None,
         start: float = T0,
+        kind: str = deploys.IMAGE,
     ) -> int:
         """A deploy run to `state`; `steps` maps a step to (its end state, seconds or None)."""
         rec = records or self.records
@@ -86,6 +87,7 @@ class World:
             pid=1,
             action=action,
             commit=commit,
+            kind=kind,
         )
         if state in (deploys.SUPERSEDED, deploys.CANCELLED) and steps is None:
             assert rec.transition(did, deploys.QUEUED, state)  # ended while queued
@@ -235,6 +237,25 @@ def test_deploys_of_another_process_and_from_before_the_outbox_count(world: Worl
     assert scraped[total("prod", "failed")] == 1  # from the rebuild's read of `deploys`
     world.deploy("failed", records=other)
     assert world.scrape()[total("prod", "failed")] == 2
+
+
+def test_deploys_are_counted_and_timed_by_their_recorded_kind(world: World) -> None:
+    world.deploy("succeeded", took=600.0)
+    world.deploy("failed", kind=deploys.DAGS, took=3.0)
+    world.metrics = world.new_metrics()  # these two come from the rebuild at start
+    world.scrape()
+    world.deploy("succeeded", kind=deploys.DAGS, took=4.0)  # this one from the outbox
+    scraped = world.scrape()
+
+    def count(kind: str, state: str) -> float:
+        labels = {"trigger": "ssh", "action": "deploy", "kind": kind, "state": state}
+        return scraped.get(sample("deployd_deploys_total", deployment="prod", **labels), 0)
+
+    assert (count("image", "succeeded"), count("image", "failed")) == (1, 0)
+    assert (count("dags", "succeeded"), count("dags", "failed")) == (1, 1)
+    took = "deployd_deploy_duration_seconds_sum"
+    assert scraped[sample(took, deployment="prod", kind="image")] == 600.0
+    assert scraped[sample(took, deployment="prod", kind="dags")] == 7.0
 
 
 def test_durations_fall_in_their_buckets(world: World) -> None:

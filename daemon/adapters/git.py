@@ -288,6 +288,37 @@ def ancestry(repo: Path, older: str, newer: str) -> bool | None:
     return None  # 128: a commit (or the repository) is not there
 
 
+def changed_paths(
+    repo: Path, old: str, new: str, object_env: Mapping[str, str] | None = None
+) -> list[str]:
+    """Every path whose content differs between commits `old` and `new`, sorted.
+
+    A tree-to-tree diff: it covers all the commits in between (and works when `new`
+    does not descend from `old`, after a rollback or a force-push), since what
+    matters is what runs against what will. Renames are off, so a file moved into or
+    out of `dags/` counts at both its names. Plumbing (`diff-tree`) so that no user
+    diff config applies; NUL-separated, and decoded as the file system does, so names
+    with newlines, quotes or bytes that are not UTF-8 come through unmangled.
+    """
+    names.commit_sha(old)
+    names.commit_sha(new)
+    args = ["diff-tree", "-r", "-z", "--name-only", "--no-renames", "--no-ext-diff"]
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(repo), *args, old, new, "--"],
+            capture_output=True,
+            check=False,
+            env={**_minimal_env(), **(object_env or {}), **_ENV_SAFE},
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GitError(f"git diff-tree could not run: {exc}.") from exc
+    if proc.returncode != 0:
+        err = os.fsdecode(proc.stderr).strip().splitlines() or ["(no message)"]
+        raise GitError(f"git diff-tree failed in {repo}: {err[-1]}")
+    return sorted(os.fsdecode(p) for p in proc.stdout.split(b"\0") if p)
+
+
 def update_ref(repo: Path, ref: str, commit: str) -> None:
     """Point `ref` at `commit`."""
     names.commit_sha(commit)

@@ -153,6 +153,13 @@ def _migration_7(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_8(db: sqlite_utils.Database) -> None:
+    # What each deploy ships (core/kinds.py): "image" (build and roll out) or "dags"
+    # (DAGs checked in the running image, the branch moved). Every deploy before this
+    # built an image, so that is what the existing rows get.
+    db.execute("ALTER TABLE deploys ADD COLUMN kind TEXT NOT NULL DEFAULT 'image'")
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_1,
     _migration_2,
@@ -161,6 +168,7 @@ MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -223,12 +223,15 @@ class Records:
         rollback_of: int | None = None,
         promoted_from: str | None = None,
         promoted_from_id: int | None = None,
+        kind: str = deploys.IMAGE,
     ) -> int:
         """Record a new deploy in state `queued` and return its id.
 
         Refused (DiskFull) without room to keep the reserve: what is left is for
         recording the outcomes of the deploys under way.
         """
+        if kind not in deploys.KINDS:
+            raise ValueError(f"a deploy's kind is one of {', '.join(deploys.KINDS)}, not {kind!r}")
         if not self.reserve.keep():
             raise DiskFull(self.path.parent, ", too little left to record a deploy")
         row = {
@@ -251,6 +254,7 @@ class Records:
             "rollback_of": rollback_of,
             "promoted_from": promoted_from,
             "promoted_from_id": promoted_from_id,
+            "kind": kind,
             "pid": pid,
             "created_at": now(),
         }
@@ -574,6 +578,7 @@ class Records:
             promoted_from=row["promoted_from"],
             promoted_from_id=row["promoted_from_id"],
             cancelled_by=row["cancelled_by"],
+            kind=row["kind"],
             report=json.loads(row["report"]) if row["report"] else None,
             created_at=row["created_at"],
             started_at=row["started_at"],

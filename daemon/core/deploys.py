@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from daemon.config import Deployment
+from daemon.core.kinds import DAGS, IMAGE, KINDS
 from daemon.core.states import (
     CANCELLED,
     FAILED,
@@ -28,9 +29,12 @@ from daemon.core.states import (
 
 __all__ = [
     "CANCELLED",
+    "DAGS",
     "FAILED",
     "FINAL_STATES",
+    "IMAGE",
     "INTERRUPTED",
+    "KINDS",
     "QUEUED",
     "ROLLED_BACK",
     "RUNNING",
@@ -110,6 +114,7 @@ class Deploy:
     promoted_from: str | None = None  # the deployment a promotion took its image from
     promoted_from_id: int | None = None  # ... and that deployment's deploy
     cancelled_by: str | None = None  # who asked for the cancel (set when asked)
+    kind: str = IMAGE  # what it ships: kinds.IMAGE or kinds.DAGS (core/kinds.py)
     report: dict[str, Any] | None = None
     started_at: float | None = None
     finished_at: float | None = None

@@ -54,6 +54,10 @@ def _deploy() -> Schema:
             "state": {"enum": [states.QUEUED, states.RUNNING, *sorted(states.FINAL_STATES)]},
             "trigger": {"enum": list(deploys.TRIGGERS)},
             "action": {"enum": list(deploys.ACTIONS)},
+            "kind": {
+                "enum": list(deploys.KINDS),
+                "description": "What it ships: an image built and rolled out, or DAGs only.",
+            },
             "actor": _STRING,
             "ref": _STRING,
             "commit": _NULLABLE_STRING,

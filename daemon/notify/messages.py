@@ -26,8 +26,6 @@ from daemon.config import NotifyTarget
 from daemon.core import deploys, states
 from daemon.core.deploys import Deploy, DeployEvent
 
-# What a deploy ships: DAG deploys (kind "dags") come in a later issue.
-KIND = "image"
 USER_AGENT = "deployd"
 # Delivery ids are UUIDv5 in this namespace, over the target and the event's row.
 _DELIVERY_NS = uuid.UUID("5f0b6a52-35b8-4f57-9d5e-6f1c0a2e9d41")
@@ -296,7 +294,7 @@ def webhook_event(
         "deployment": record.deployment,
         "deploy_id": record.id,
         "state": states.RUNNING if started else event.event,
-        "kind": KIND,
+        "kind": record.kind,
         "trigger": record.trigger,
         "action": record.action,
         "rollback_of": record.rollback_of,

@@ -185,6 +185,7 @@ class Dashboard:
             "when": views.when,
             "short_digest": present.short_digest,
             "options": present.options,
+            "kind": present.kind,
             **values,
         }
 

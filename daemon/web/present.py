@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon import views
+from daemon.core import deploys
 from daemon.core.deploys import Deploy
 
 TRACEBACK_CHARS = 20_000  # of one file's traceback shown (the stored report keeps more)
@@ -64,6 +65,12 @@ def options(rec: Deploy) -> str:
         ("override freeze", o.override_freeze),
     ]
     return ", ".join(name for name, on in named if on) or "none"
+
+
+def kind(rec: Deploy) -> str:
+    """What a deploy ships, in words: the reader of a history wants to see at a glance
+    which deploys restarted the pods (an image) and which only moved the DAGs."""
+    return "DAGs only" if rec.kind == deploys.DAGS else "image"
 
 
 # -- the timeline -------------------------------------------------------------------

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from daemon.adapters import git
-from daemon.errors import DirtyWorkTree, UsageError
+from daemon.core.kinds import DAGS, IMAGE, kind_of
+from daemon.errors import DirtyWorkTree, GitError, InvalidName, UsageError
 from tests.support.projects import commit_all, make_project
+from tests.support.projects import git as run_git
 
 
 def test_head_export_and_clean(tmp_path: Path) -> None:
@@ -44,3 +47,81 @@ def test_dirty_tree_is_refused(tmp_path: Path) -> None:
 def test_not_a_repository(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not a git work tree"):
         git.head(tmp_path)
+
+
+def test_changed_paths_cover_every_commit_in_between(tmp_path: Path) -> None:
+    repo = make_project(tmp_path / "p", "base:1")
+    base = git.head(repo).commit
+    (repo / "requirements.txt").write_text("pandas==2.2.0\n")
+    commit_all(repo, "a new requirement")
+    (repo / "dags" / "example_dag.py").write_text("# airflow dag, changed\n")
+    tip = commit_all(repo, "a DAG edit")
+    # The last commit alone is a DAG change; the push of both is not.
+    assert git.changed_paths(repo, tip, tip) == []
+    assert git.changed_paths(repo, run_git(repo, "rev-parse", "HEAD~1"), tip) == [
+        "dags/example_dag.py"
+    ]
+    both = git.changed_paths(repo, base, tip)
+    assert both == ["dags/example_dag.py", "requirements.txt"]
+    assert kind_of(both, first_deploy=False, forced_image=False) == IMAGE
+
+
+def test_a_change_reverted_on_the_way_is_no_change(tmp_path: Path) -> None:
+    repo = make_project(tmp_path / "p", "base:1")
+    base = git.head(repo).commit
+    (repo / "Dockerfile").write_text("FROM base:2\n")
+    commit_all(repo, "try base 2")
+    (repo / "Dockerfile").write_text("FROM base:1\n")
+    (repo / "dags" / "new.py").write_text("# airflow dag\n")
+    tip = commit_all(repo, "back to base 1, and a new DAG")
+    changed = git.changed_paths(repo, base, tip)
+    assert changed == ["dags/new.py"]  # the image built from tip is the one that runs
+    assert kind_of(changed, first_deploy=False, forced_image=False) == DAGS
+
+
+def test_a_rename_counts_at_both_names(tmp_path: Path) -> None:
+    repo = make_project(tmp_path / "p", "base:1", files={"include/helpers.py": "X = 1\n" * 20})
+    base = git.head(repo).commit
+    run_git(repo, "mv", "include/helpers.py", "dags/helpers.py")
+    tip = commit_all(repo, "move the helpers")
+    changed = git.changed_paths(repo, base, tip)
+    assert changed == ["dags/helpers.py", "include/helpers.py"]
+    assert kind_of(changed, first_deploy=False, forced_image=False) == IMAGE
+    run_git(repo, "mv", "dags/example_dag.py", "dags/renamed.py")
+    moved = commit_all(repo, "rename a DAG file")
+    assert git.changed_paths(repo, tip, moved) == ["dags/example_dag.py", "dags/renamed.py"]
+
+
+def test_hostile_path_names_come_through_whole(tmp_path: Path) -> None:
+    repo = make_project(tmp_path / "p", "base:1")
+    base = git.head(repo).commit
+    hostile = ["dags/new\nline.py", "dags/\"quoted\" 'and' spaced.py", "dags/tab\there.py"]
+    for name in hostile:
+        (repo / name).write_text("# airflow dag\n")
+    # A name that is not UTF-8 (Latin-1 e-acute): kept as the file system spells it.
+    (repo / os.fsdecode(b"dags/caf\xe9.py")).write_text("# airflow dag\n")
+    # And one outside dags/ whose name, split at its newline, would look like a DAG path.
+    (repo / "include\ndags").mkdir()
+    (repo / "include\ndags" / "x.py").write_text("X = 1\n")
+    tip = commit_all(repo, "hostile names")
+    changed = git.changed_paths(repo, base, tip)
+    assert changed == sorted([*hostile, os.fsdecode(b"dags/caf\xe9.py"), "include\ndags/x.py"])
+    assert kind_of(changed, first_deploy=False, forced_image=False) == IMAGE
+
+
+def test_changed_paths_across_branches_and_bad_commits(tmp_path: Path) -> None:
+    repo = make_project(tmp_path / "p", "base:1")
+    base = git.head(repo).commit
+    run_git(repo, "checkout", "-q", "-b", "other")
+    (repo / "include" / "x.py").write_text("X = 1\n")
+    other = commit_all(repo, "on another branch")
+    run_git(repo, "checkout", "-q", "main")
+    (repo / "dags" / "y.py").write_text("# airflow dag\n")
+    tip = commit_all(repo, "on main")
+    # Not an ancestor (a rollback moved the branch, a force-push): trees are compared.
+    assert git.changed_paths(repo, other, tip) == ["dags/y.py", "include/x.py"]
+    assert git.changed_paths(repo, base, tip) == ["dags/y.py"]
+    with pytest.raises(InvalidName):
+        git.changed_paths(repo, "HEAD~1", tip)
+    with pytest.raises(GitError, match="git diff-tree failed"):
+        git.changed_paths(repo, "0" * 40, tip)

@@ -6,8 +6,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
-from daemon.adapters.migrations import SCHEMA_VERSION
+from daemon.adapters.migrations import MIGRATIONS, SCHEMA_VERSION
 from daemon.adapters.records import Records
 from daemon.core import deploys
 from daemon.core.deploys import Options, TargetState, TransitionError
@@ -38,6 +39,39 @@ def test_schema_is_versioned_and_wal(records: Records, tmp_path: Path) -> None:
     assert again.schema_version() == SCHEMA_VERSION
     rows = again.db.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()
     assert rows[0] == SCHEMA_VERSION
+
+
+def test_a_deploy_records_its_kind(records: Records) -> None:
+    assert records.get(new(records)).kind == deploys.IMAGE  # type: ignore[union-attr]
+    dags = records.create_deploy(
+        deployment="prod", trigger="ssh", actor="ada", ref="refs/heads/main",
+        options=Options(), pid=1, kind=deploys.DAGS,
+    )  # fmt: skip
+    assert records.get(dags).kind == deploys.DAGS  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="kind is one of image, dags, not 'plugins'"):
+        records.create_deploy(
+            deployment="prod", trigger="ssh", actor="ada", ref="refs/heads/main",
+            options=Options(), pid=1, kind="plugins",
+        )  # fmt: skip
+
+
+def test_deploys_recorded_before_kinds_were_image_deploys(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(path)
+    db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+    for version, migration in enumerate(MIGRATIONS[:7], start=1):
+        migration(db)
+        db.execute("INSERT INTO schema_migrations VALUES (?, 0)", [version])
+    db.execute(
+        "INSERT INTO deploys (deployment, state, trigger, action, actor, ref, options, "
+        "created_at) VALUES ('prod', 'succeeded', 'ssh', 'deploy', 'ada', 'main', '{}', 1)"
+    )
+    db.conn.commit()
+    db.conn.close()
+    records = Records(path)
+    assert records.schema_version() == SCHEMA_VERSION
+    old = records.get(1)
+    assert old is not None and old.kind == deploys.IMAGE and old.state == "succeeded"
 
 
 def test_deploy_lifecycle(records: Records) -> None:

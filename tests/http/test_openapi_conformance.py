@@ -86,6 +86,7 @@ def seed(records: Records) -> None:
         ref="refs/heads/main",
         options=Options(),
         pid=DEAD_PID,
+        kind="dags",  # both kinds in the answers the description is checked against
     )
 
 

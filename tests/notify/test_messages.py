@@ -242,6 +242,19 @@ def test_a_promotion_says_where_its_image_came_from(records: Records) -> None:
     assert body["action"] == "promotion"
 
 
+def test_a_webhook_event_carries_the_recorded_kind(records: Records) -> None:
+    did = records.create_deploy(
+        deployment="prod", trigger="ssh", actor="alice", ref="refs/heads/main",
+        options=Options(), pid=1, commit="c" * 40, kind="dags",
+    )  # fmt: skip
+    records.transition(did, "queued", "running")
+    rec = records.get(did)
+    assert rec is not None
+    event = event_of(records, did, "started")
+    body = json.loads(messages.render(target("consumer", "https://x"), event, rec, "").body)
+    assert body["kind"] == "dags"
+
+
 def test_long_texts_are_cut_to_fit_the_limits(records: Records, tmp_path: Path) -> None:
     did = deploy(records, "running", "failed", step="build", error="x" * 10_000)
     rec = records.get(did)

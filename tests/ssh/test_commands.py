@@ -15,6 +15,7 @@ from typing import Any
 import asyncssh
 import pytest
 
+from daemon.core.deploys import Options
 from daemon.printable import printable
 from daemon.ssh import server
 from daemon.ssh.gate import Gate
@@ -82,6 +83,27 @@ async def test_deploys_lists_only_the_keys_own_deployments(world: SSHWorld) -> N
     assert table((await run(world, "deploys prod", "root")).stdout) == [(prod.id, "prod")]
 
 
+async def test_deploys_and_status_show_the_recorded_kind(world: SSHWorld) -> None:
+    built = await world.deploy("prod")
+    assert built.kind == "image"  # every deploy builds an image until DAG deploys land
+    # A DAG deploy as the records will hold it (the pipeline does not make them yet).
+    dags = world.records.create_deploy(
+        deployment="prod", trigger="ssh", actor="alice", ref="refs/heads/main",
+        options=Options(), pid=1, commit=built.commit, kind="dags",
+    )  # fmt: skip
+    assert world.records.transition(dags, "queued", "running")
+    assert world.records.transition(dags, "running", "succeeded")
+    listing = (await run(world, "deploys prod")).stdout.splitlines()
+    assert listing[0].split()[:4] == ["ID", "DEPLOYMENT", "STATE", "KIND"]
+    assert [row.split()[:4] for row in listing[1:]] == [
+        [str(dags), "prod", "succeeded", "dags"],
+        [str(built.id), "prod", "succeeded", "image"],
+    ]
+    status = (await run(world, "status prod")).stdout.splitlines()
+    assert status[1].startswith(f"  deployed: deploy #{dags} of ")
+    assert "  kind:     dags deploy" in status
+
+
 async def test_deploys_before_any_deploy(world: SSHWorld) -> None:
     result = await run(world, "deploys prod")
     assert (result.exit_status, result.stdout) == (0, "no deploys yet\n")
@@ -132,6 +154,7 @@ async def test_status_shows_the_records_and_the_clusters_workloads(world: SSHWor
     assert lines[0] == "deployment prod"
     assert lines[1].startswith(f"  deployed: deploy #{rec.id} of {rec.commit[:12]} at ")
     assert lines[2] == f"  image:    {rec.image}:{rec.tag}@{rec.digest}"
+    assert lines[3] == "  kind:     image deploy"
     for workload in ("deployment/airflow-scheduler", "statefulset/airflow-worker"):
         assert f"  {workload}: not deployed by deployd; rolled out" in lines
     # The FakeCluster's pods run its own image, not the deploy's: status says so.

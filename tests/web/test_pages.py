@@ -31,6 +31,7 @@ from tests.core.test_release import World, until
 
 ALICE = Key("alice", "ssh-ed25519 AAAA alice", deployments=("prod",))
 STAGER = Key("stager", "ssh-ed25519 AAAA stager", deployments=("staging",))
+READER = Key("airflow", "ssh-ed25519 AAAA airflow", deployments=("prod",), access="read")
 CSRF = "c" * 43
 DIGEST = "sha256:" + "d" * 64
 OTHER_DIGEST = "sha256:" + "e" * 64
@@ -113,6 +114,7 @@ def seed(
     report: dict[str, Any] | None = None,
     error: str | None = None,
     digest: str = DIGEST,
+    kind: str = "image",
 ) -> int:
     """One deploy recorded the way the pipeline records it."""
     i = records.create_deploy(
@@ -124,6 +126,7 @@ def seed(
         pid=0,
         commit=commit,
         description=description,
+        kind=kind,
     )
     records.plan_steps(i, [(s, "") for s in steps])
     if state == "queued":
@@ -347,6 +350,27 @@ async def test_the_history_is_paginated_newest_first_and_filtered(site: Site) ->
     assert '<option value="failed" selected>' in html
     status, html = await site.get("/deployments/prod?state=failed&page=9")
     assert status == 200 and ids(html) == [] and "no deploys match" in html
+
+
+async def test_the_history_and_the_deploy_page_show_each_deploys_kind(site: Site) -> None:
+    image = seed(site.records)
+    dags = seed(site.records, kind="dags", steps=("checkout", "parse"))
+
+    def kinds(html: str) -> list[tuple[int, str, str]]:
+        rows = re.findall(
+            r'<tr class="deploy" data-deploy-id="(\d+)">.*?'
+            r'<td class="kind" data-kind="(\w+)">([^<]*)</td>',
+            html,
+            re.S,
+        )
+        return [(int(i), k, text) for i, k, text in rows]
+
+    _, html = await site.get("/deployments/prod")
+    assert "<th>kind</th>" in html
+    assert kinds(html) == [(dags, "dags", "DAGs only"), (image, "image", "image")]
+    for i, kind, text in ((image, "image", "image"), (dags, "dags", "DAGs only")):
+        _, page = await site.get(f"/deploys/{i}")
+        assert f'<dt>kind</dt><dd class="kind" data-kind="{kind}">{text}</dd>' in page
 
 
 @pytest.mark.parametrize(
@@ -585,6 +609,27 @@ async def test_a_rollback_by_a_viewer_without_deploy_access_is_refused(site: Sit
     resp = await site.client.post(f"/deploys/{i}/rollback", data={"csrf": CSRF})
     assert resp.status == 404
     assert len(site.records.list_deploys("prod")) == before
+
+
+async def test_a_read_key_sees_its_deployment_but_may_not_roll_it_back(site: Site) -> None:
+    w = site.w
+    first = await w.deployed("prod")
+    w.commit("second")
+    await w.deployed("prod")
+    before = len(site.records.list_deploys("prod"))
+    site.viewer = session(READER)
+    status, html = await site.get(f"/deploys/{first.id}")
+    assert status == 200 and f"deploy #{first.id}" in html
+    assert 'id="rollback-link"' not in html and "Roll back to this deploy" not in html
+    status, html = await site.get(f"/deploys/{first.id}/rollback")
+    assert status == 403 and "key airflow may not roll back prod." in unescape(html)
+    resp = await site.client.post(f"/deploys/{first.id}/rollback", data={"csrf": CSRF})
+    assert resp.status == 403
+    assert "key airflow may not roll back prod." in unescape(await resp.text())
+    assert len(site.records.list_deploys("prod")) == before  # nothing was queued
+    # The same deploy page offers the rollback to a deploy key of prod.
+    site.viewer = session(ALICE)
+    assert 'id="rollback-link"' in (await site.get(f"/deploys/{first.id}"))[1]
 
 
 async def test_a_refused_rollback_is_one_line(site: Site) -> None:
