@@ -58,16 +58,20 @@ class Receiver:
             raise pushrules.Refused("this push did not come through deployd's SSH server.")
         session.hooked = True
         dep = self.state.settings.deployment(session.deployment)
+        # Asked again of the settings as they are now: a SIGHUP while git stored the push
+        # may have removed the key or made it read-only.
+        key = next((k for k in self.state.settings.keys if k.name == session.key), None)
+        if key is None:
+            raise pushrules.Refused(f"key {session.key} is no longer configured.")
+        access.require(key, dep.name, access.DEPLOY)
         repo = repos.repo_path(self.state.settings.server.state_dir, dep.name)
         updates = pushrules.parse_updates(list(request.get("updates") or []))
         options = [str(o) for o in request.get("options") or []]
         plan = pushrules.decide(updates, dep.branch, options)
-        if plan.options.override_freeze:
-            key = next((k for k in self.state.settings.keys if k.name == session.key), None)
-            if key is None or not access.may_override_freeze(key):
-                raise pushrules.Refused(
-                    "only an admin key may push through a freeze (-o override-freeze)."
-                )
+        if plan.options.override_freeze and not access.may_override_freeze(key):
+            raise pushrules.Refused(
+                "only an admin key may push through a freeze (-o override-freeze)."
+            )
         await asyncio.to_thread(
             usecases.admit,
             self.state.records,

@@ -329,3 +329,22 @@ async def test_through_the_hook_a_failed_deploy_keeps_nothing(
         ["git", "-C", str(push.repo), "cat-file", "-e", new], capture_output=True, check=False
     )
     assert gone.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("airflow", "deployd: key airflow is read-only: it may fetch and read, not change"),
+        ("ghost", "deployd: key ghost is no longer configured."),
+    ],
+)
+async def test_a_push_whose_key_lost_its_rights_meanwhile_is_refused(
+    push: Push, key: str, why: str
+) -> None:
+    """The settings are asked again when the hook arrives: a SIGHUP while git stored the
+    push may have made the key read-only or removed it."""
+    finish(push.w)
+    push.session(key=key)
+    assert await push.send() == 1
+    assert push.lines and push.lines[0].startswith(why), push.lines
+    assert push.w.records.list_deploys(None, 100) == []
