@@ -171,13 +171,17 @@ DEPLOYD_TEST_AIRFLOW2_IMAGE=deployd-test/airflow:${AIRFLOW_VERSIONS##* }
 ENV
 }
 
-down() {
-    if [ -f "$RUN/registry.pid" ]; then kill "$(cat "$RUN/registry.pid")" 2>/dev/null || true; rm -f "$RUN/registry.pid"; fi
+stop_dockerd() {
     if [ -f "$RUN/dockerd.pid" ]; then
         local pid; pid=$(cat "$RUN/dockerd.pid")
         kill "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
+}
+
+down() {
+    if [ -f "$RUN/registry.pid" ]; then kill "$(cat "$RUN/registry.pid")" 2>/dev/null || true; rm -f "$RUN/registry.pid"; fi
+    stop_dockerd
     rm -rf "$RUN/registry-data" "$RUN/env"
 }
 
@@ -192,5 +196,8 @@ case "${1:-up}" in
         log "test environment ready: $RUN/env"
         ;;
     down) down ;;
-    *) echo "usage: $0 up|down" >&2; exit 2 ;;
+    # The fault tests stop and start the Engine under a deploy (tests/faults/test_engine.py).
+    stop-engine) stop_dockerd ;;
+    start-engine) start_dockerd ;;
+    *) echo "usage: $0 up|down|stop-engine|start-engine" >&2; exit 2 ;;
 esac

@@ -206,6 +206,14 @@ class Images:
                         detail = chunk.get("errorDetail") or {}
                         message = str(detail.get("message") or chunk.get("error") or "").strip()
                         on_line(message)
+                        if _KILLED.search(message) and not self._answers():
+                            # Killed because the Engine is stopping (a restart): not the
+                            # project's fault, and the next deploy may work as it is.
+                            raise DependencyUnreachable(
+                                f"the Docker Engine at {self.host} stopped during the build "
+                                f"({current_step or 'its start'} was killed); check that "
+                                "dockerd runs, then deploy again."
+                            )
                         raise BuildError(
                             f"the build failed at {current_step or 'its start'}: {message}",
                             tail="\n".join(tail),
@@ -217,6 +225,22 @@ class Images:
         if not image_id:
             image_id = str(self.api.inspect_image(tag)["Id"])
         return image_id
+
+    def _answers(self) -> bool:
+        """Whether the Engine answers a ping within a few seconds (after a moment: a stopping
+        Engine kills its containers, then stops answering)."""
+        time.sleep(0.5)
+        try:
+            client = docker.APIClient(base_url=self.host, version=API_VERSION, timeout=3)
+        except docker.errors.DockerException:
+            return False
+        try:
+            client.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return False
+        finally:
+            client.close()
+        return True
 
     def _kill_build_step(self, running: list[str]) -> None:
         """Remove the container of the build step that runs now, if any (the build stopped)."""
@@ -545,6 +569,10 @@ class Images:
         """
         with Registry(self.registry, backoff=self.push_backoff) as registry:
             return registry.copy(source, digest, target, tag, on_line, stop)
+
+
+# A build step's container killed (SIGKILL): out of memory, or the Engine stopping.
+_KILLED = re.compile(r"returned a non-zero code: 137\b")
 
 
 class _TransientPush(Exception):
