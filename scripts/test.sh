@@ -32,4 +32,5 @@ echo "-----> ruff" >&2
 echo "-----> mypy --strict daemon/" >&2
 .venv/bin/mypy
 echo "-----> pytest" >&2
-.venv/bin/pytest -q -p no:cacheprovider "$@"
+# The slowest tests are listed at the end: where to look when the suite grows slow.
+.venv/bin/pytest -q -p no:cacheprovider --durations=30 "$@"

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "1.41"
 PUSH_ATTEMPTS = 4
+# A failed push attempt that took longer than this was retried by the Engine already.
+ENGINE_RETRIED_SECONDS = 20.0
 _AUTH_PATTERNS = re.compile(
     r"unauthorized|authentication required|denied|forbidden|"
     r"no basic auth credentials|401|403",
@@ -446,12 +448,29 @@ class Images:
     ) -> str:
         """Push `repository:tag`; return its digest. Transient errors are retried with backoff."""
         host = registry_host(repository)
-        last = ""
+        last, refused_once = "", False
         for attempt in range(1, PUSH_ATTEMPTS + 1):
+            started = time.monotonic()
             try:
                 return self._push_once(repository, tag, on_line, stop)
+            except RegistryError as exc:
+                # Refused credentials are final, but for one more try: an Engine whose ping
+                # met a failing registry (500s) sends its next upload without them.
+                if refused_once:
+                    raise
+                refused_once = True
+                on_line(f"{exc.message}; trying once more")
+                continue
             except _TransientPush as exc:
                 last = str(exc)
+                took = time.monotonic() - started
+                if took > ENGINE_RETRIED_SECONDS:
+                    # The Engine retries a layer upload itself (5 times, about 50 s):
+                    # retrying that again would only multiply the wait.
+                    raise DependencyUnreachable(
+                        f"the registry {host} kept failing for {took:.0f} s (the Docker "
+                        f"Engine's own retries): {last}"
+                    ) from exc
                 if attempt < PUSH_ATTEMPTS:
                     wait = self.push_backoff * 2 ** (attempt - 1)
                     on_line(
