@@ -27,7 +27,8 @@ class ThreadServer:
         def main() -> None:
             loop = asyncio.new_event_loop()
             self.loop = loop
-            runner = web.AppRunner(self.app, access_log=None)
+            # Open streams (watches) get a moment at stop, not the default minute.
+            runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
             loop.run_until_complete(site.start())
