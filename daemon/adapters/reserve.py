@@ -30,6 +30,12 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
+def too_full(path: Path, size: int = RESERVE_BYTES) -> bool:
+    """Whether the disk holding `path` has less room than the reserve, twice: the line
+    below which no new deploy (or push) starts."""
+    return shutil.disk_usage(path).free < 2 * size
+
+
 class Reserve:
     """The reserve file: kept while there is room for it, given up when the disk is full."""
 
@@ -43,7 +49,7 @@ class Reserve:
             return True
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            if shutil.disk_usage(self.path.parent).free < 2 * self.size:
+            if too_full(self.path.parent, self.size):
                 return False
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import asyncssh
 from daemon import names, views
 from daemon.adapters import repos
 from daemon.adapters.records import Records
-from daemon.adapters.reserve import RESERVE_BYTES
+from daemon.adapters.reserve import too_full
 from daemon.config import Deployment, Key, Settings
 from daemon.core import access, deploys, usecases
 from daemon.core.freezes import describe
@@ -519,8 +518,7 @@ async def _git(
 
 async def _disk_full(state: SSHState) -> bool:
     """Whether state_dir's disk has less room than the records keep in reserve, twice."""
-    usage = await asyncio.to_thread(shutil.disk_usage, state.settings.server.state_dir)
-    return usage.free < 2 * RESERVE_BYTES
+    return await asyncio.to_thread(too_full, state.settings.server.state_dir)
 
 
 def git_limits(command: str, settings: Settings) -> list[str]:
