@@ -169,9 +169,16 @@ class Records:
             return tuple(row) if row is not None else None
 
     def close(self) -> None:
-        """Close the connections."""
-        self._reader.close()
-        self.db.conn.close()
+        """Close the connections, once the read or write in flight on each has ended.
+
+        Closing a connection while another thread's statement runs on it crashes the
+        interpreter (CPython's sqlite3 does not guard it); a call after this raises
+        sqlite3.ProgrammingError instead.
+        """
+        with self._read_lock:
+            self._reader.close()
+        with self._lock:
+            self.db.conn.close()
 
     def migrate(self) -> int:
         """Bring the schema up to SCHEMA_VERSION, one versioned migration at a time."""

@@ -177,6 +177,42 @@ def test_one_records_object_is_safe_across_threads(tmp_path: Path) -> None:
     assert len(records.list_deploys("prod", limit=1000)) == 300
 
 
+def test_closing_while_threads_read_ends_them_with_an_error_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    # A test's teardown (or a shutdown) closes the records while a worker thread may be
+    # mid-read: CPython's sqlite3 crashes the interpreter if a connection is closed under
+    # a running statement. close() waits for it; a later read raises ProgrammingError.
+    import threading
+
+    records = Records(tmp_path / "d.db")
+    for i in range(50):
+        records.create_deploy(
+            deployment="prod", trigger="push", actor="a", ref=f"r{i}", options=Options(), pid=1
+        )
+    ended: list[BaseException] = []
+    started = threading.Barrier(5)
+
+    def reader() -> None:
+        started.wait()
+        try:
+            while True:
+                records.list_deploys("prod", limit=50)
+                records.get(1)
+        except BaseException as exc:
+            ended.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    records.close()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(ended) == 4
+    assert all(isinstance(e, sqlite3.ProgrammingError) for e in ended), ended
+
+
 def test_each_state_change_adds_one_outbox_event_in_its_transaction(records: Records) -> None:
     first, second = new(records), new(records)
     assert records.events_after(0) == []  # queued is no event

@@ -167,6 +167,22 @@ def uploads(infra: Infra, image: str) -> dict[str, int]:
     return {p.name: (p / "data").stat().st_size for p in root.iterdir() if (p / "data").exists()}
 
 
+def settled_uploads(infra: Infra, image: str, within: float = 3.0) -> dict[str, int]:
+    """The uploads for `image` once they have stopped growing: the bytes in flight on
+    loopback sockets (and the registry's write buffer) when the Engine cut the upload
+    still land for a moment. An upload still running moves megabytes in that time, so it
+    never settles and this fails."""
+    deadline = time.monotonic() + within
+    sizes = uploads(infra, image)
+    while True:
+        time.sleep(0.5)
+        again = uploads(infra, image)
+        if again == sizes:
+            return sizes
+        assert time.monotonic() < deadline, f"uploads still growing after {within} s: {again}"
+        sizes = again
+
+
 def leftovers(docker_api: Any, commit: str, nonce: str) -> list[str]:
     """Containers of the deploy of `commit` (check containers carry its labels) and its
     build's step containers (the legacy builder's carry no labels before deployd's LABEL
@@ -280,7 +296,7 @@ def test_deployd_cancel_stops_a_deploy_run_by_another_process(
     assert seen.at is not None
     stopped = stopped_after(state, 1, seen.at)
     assert stopped < STOP_SECONDS, f"stopped after {stopped:.2f} s"
-    sizes = uploads(testenv, image)
+    sizes = settled_uploads(testenv, image)
     time.sleep(SETTLE_SECONDS)
     assert leftovers(docker_api, str(rec["commit"]), nonce) == []
     if step in ("build", "push"):
@@ -470,7 +486,7 @@ def test_a_failed_check_leaves_no_upload_running(
     assert rec is not None and (rec["state"], rec["step"]) == ("failed", "parse")
     assert rec["steps"]["push"] == "cancelled"
     image = next(ln.split('"')[1] for ln in srv.config.read_text().splitlines() if "ssh-prod" in ln)
-    sizes = uploads(testenv, image)
+    sizes = settled_uploads(testenv, image)
     time.sleep(SETTLE_SECONDS)
     assert sizes and sum(sizes.values()) < 400_000_000  # it had started, and was stopped
     assert uploads(testenv, image) == sizes  # nothing is held open: no byte more arrived
