@@ -127,6 +127,12 @@ def serve(ctx: click.Context, config_path: str | None) -> None:
 @click.option("--pytest", "run_pytest", is_flag=True, help="Run pytest tests/ before pushing.")
 @click.option("--description", default="", help="Recorded with the deploy (default: subject).")
 @click.option(
+    "--image",
+    "force_image",
+    is_flag=True,
+    help="An image deploy (build and roll) even if only dags/ changed (dag_source = git).",
+)
+@click.option(
     "--allow-dirty",
     is_flag=True,
     help="Deploy HEAD even though the work tree has uncommitted changes.",
@@ -143,13 +149,18 @@ def deploy(
     run_pytest: bool,
     description: str,
     allow_dirty: bool,
+    force_image: bool,
     as_json: bool,
 ) -> None:
     """Build, check and push the HEAD commit of the git repository at PATH."""
     settings = _settings(ctx, config_path)
     dep = settings.deployment(deployment)
     options = Options(
-        force=force, pytest=run_pytest, description=description, allow_dirty=allow_dirty
+        force=force,
+        pytest=run_pytest,
+        description=description,
+        allow_dirty=allow_dirty,
+        image=force_image,
     )
     services = _services(settings)
     usecases.admit(services.records, dep, options)

@@ -18,6 +18,10 @@ fi
 
 PYTHON=$PWD/.venv/bin/python bash scripts/testenv.sh up
 cleanup() {
+    # Airflow containers a crashed test left (tests/support/airflow.py labels them).
+    DOCKER_HOST=unix:///run/deployd-testenv/docker.sock docker ps -aq \
+        --filter label=deployd.test=airflow-world \
+        | DOCKER_HOST=unix:///run/deployd-testenv/docker.sock xargs -r docker rm -f >/dev/null 2>&1 || true
     # Images the tests built (base images stay cached for the next run).
     DOCKER_HOST=unix:///run/deployd-testenv/docker.sock docker images -q \
         --filter label=deployd.deployment | sort -u \

@@ -2,7 +2,9 @@
 # Brings up (or down) what deployd's tests, benchmarks and quickstart need on a
 # fresh Debian 12 machine as root: Docker Engine, a local registry with
 # htpasswd auth, and local base images (busybox; Python + real Apache Airflow
-# that behaves like Astro's runtime image). Nothing is pulled: there is no
+# that behaves like Astro's runtime image; the Airflow 3.3 one also has git,
+# ssh and apache-airflow-providers-git, so tests can run a dag-processor over a
+# GitDagBundle). Nothing is pulled: there is no
 # reachable container registry here, so the base images are made locally and
 # cached per machine in $CACHE.
 #
@@ -104,45 +106,91 @@ build_busybox_image() {
     rm -rf "$dir"
 }
 
-build_airflow_image() {
-    local AIRFLOW_VERSION=$1
-    local tag=deployd-test/airflow:$AIRFLOW_VERSION
-    docker image inspect "$tag" >/dev/null 2>&1 && return
-    if [ ! -f "$CACHE/bookworm-python.tar" ]; then
-        log "debootstrap bookworm with python3 (about 40 s, once per machine)"
-        local root="$CACHE/bookworm.partial"
+# What each Airflow image carries beyond Python and Airflow. The 3.3 image also
+# runs Airflow itself in tests (tests/support/airflow.py: dag-processor and
+# api-server reading a GitDagBundle from deployd's repository), which needs git,
+# ssh and the git provider; 2.10 only parses DAGs. The names feed the cache keys
+# (the root tarball, the pip target, the image's label), so changing a list
+# rebuilds the image on a machine that has the old one cached.
+airflow_debs() { case $1 in 3.*) echo "git,openssh-client" ;; *) echo "" ;; esac; }
+airflow_pips() { case $1 in 3.*) echo "apache-airflow-providers-git==1.0.1" ;; *) echo "" ;; esac; }
+
+# The cache key of one image: empty for an image of plain Python + Airflow
+# (keeps the 2.10 image and its cache as they were).
+airflow_key() {
+    local debs pips
+    debs=$(airflow_debs "$1"); pips=$(airflow_pips "$1")
+    [ -z "$debs$pips" ] && return 0
+    printf '%s' "debs=$debs;pips=$pips" | tr -c 'A-Za-z0-9.=;,_-' '_'
+}
+
+image_is_current() {   # tag key
+    docker image inspect "$1" >/dev/null 2>&1 || return 1
+    [ -z "$2" ] && return 0
+    [ "$(docker image inspect -f '{{ index .Config.Labels "deployd.testenv.key" }}' "$1" 2>/dev/null)" = "$2" ]
+}
+
+# A bookworm root with python3 and the extra Debian packages, as a tarball
+# (cached by package list) and as an image (tagged by it).
+make_base() {   # debs -> prints the base image tag
+    local debs=$1 suffix="" include=python3
+    if [ -n "$debs" ]; then suffix=+${debs//,/+}; include=python3,$debs; fi
+    local tar="$CACHE/bookworm-python$suffix.tar" base=deployd-test/bookworm-python:1${suffix//+/-}
+    if [ ! -f "$tar" ]; then
+        log "debootstrap bookworm with $include (about 40 s, once per machine)"
+        local root="$CACHE/bookworm$suffix.partial"
         rm -rf "$root"
-        debootstrap --variant=minbase --include=python3 bookworm "$root" >"$CACHE/debootstrap.log" 2>&1 \
+        debootstrap --variant=minbase --include="$include" bookworm "$root" >"$CACHE/debootstrap.log" 2>&1 \
             || { tail -n 20 "$CACHE/debootstrap.log" >&2; exit 1; }
         rm -rf "$root/var/cache/apt/archives/"*.deb
-        tar -C "$root" -cf "$CACHE/bookworm-python.tar.partial" .
-        mv "$CACHE/bookworm-python.tar.partial" "$CACHE/bookworm-python.tar"
+        tar -C "$root" -cf "$tar.partial" .
+        mv "$tar.partial" "$tar"
         rm -rf "$root"
     fi
-    if [ ! -d "$CACHE/airflow-$AIRFLOW_VERSION" ]; then
-        log "pip install apache-airflow==$AIRFLOW_VERSION (about 30 s, once per machine)"
-        rm -rf "$CACHE/airflow-$AIRFLOW_VERSION.partial"
+    docker image inspect "$base" >/dev/null 2>&1 || docker import "$tar" "$base" >/dev/null
+    printf '%s' "$base"
+}
+
+# Airflow (and the extra pip requirements, resolved together so that pip never
+# swaps Airflow for another version) in a --target directory, cached by both.
+make_site() {   # version pips -> prints the directory
+    local version=$1 pips=$2 dir="$CACHE/airflow-$1"
+    [ -n "$pips" ] && dir="$dir+$(printf '%s' "$pips" | tr ' =' '+-')"
+    if [ ! -d "$dir" ]; then
+        log "pip install apache-airflow==$version $pips (about 30 s, once per machine)"
+        rm -rf "$dir.partial"
         # (this machine's pip config names local indexes that may be absent: not our noise)
-        "$PYTHON" -m pip install -q --disable-pip-version-check --target "$CACHE/airflow-$AIRFLOW_VERSION.partial" \
-            "apache-airflow==$AIRFLOW_VERSION" pytest 2>&1 | grep -v "WARNING: Location" >&2 || true
-        [ -d "$CACHE/airflow-$AIRFLOW_VERSION.partial/airflow" ] \
-            || { echo "pip install apache-airflow==$AIRFLOW_VERSION failed" >&2; exit 1; }
-        mv "$CACHE/airflow-$AIRFLOW_VERSION.partial" "$CACHE/airflow-$AIRFLOW_VERSION"
+        # shellcheck disable=SC2086  # $pips is a list of requirements
+        "$PYTHON" -m pip install -q --disable-pip-version-check --target "$dir.partial" \
+            "apache-airflow==$version" pytest $pips 2>&1 | grep -v "WARNING: Location" >&2 || true
+        [ -d "$dir.partial/airflow" ] && [ -d "$dir.partial/apache_airflow-$version.dist-info" ] \
+            || { echo "pip install apache-airflow==$version $pips failed" >&2; exit 1; }
+        mv "$dir.partial" "$dir"
     fi
+    printf '%s' "$dir"
+}
+
+build_airflow_image() {
+    local AIRFLOW_VERSION=$1
+    local tag=deployd-test/airflow:$AIRFLOW_VERSION key
+    key=$(airflow_key "$AIRFLOW_VERSION")
+    image_is_current "$tag" "$key" && return
+    local base site
+    base=$(make_base "$(airflow_debs "$AIRFLOW_VERSION")")
+    site=$(make_site "$AIRFLOW_VERSION" "$(airflow_pips "$AIRFLOW_VERSION")")
     log "importing $tag"
-    local base=deployd-test/bookworm-python:1
-    docker image inspect "$base" >/dev/null 2>&1 \
-        || docker import "$CACHE/bookworm-python.tar" "$base" >/dev/null
     # The Airflow packages go in as one layer over the Python base, like a
     # runtime image; ONBUILD COPY makes a project's Dockerfile one FROM line.
     local ctx; ctx=$(mktemp -d)
-    ln -s "$CACHE/airflow-$AIRFLOW_VERSION" "$ctx/site"
+    ln -s "$site" "$ctx/site"
     tar -C "$ctx" -ch --transform 's,^\./site,./opt/airflow-site,' ./site \
         | docker import -c "ENV PYTHONPATH=/opt/airflow-site" -c "ENV PATH=/opt/airflow-site/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
             -c "ENV AIRFLOW_HOME=/usr/local/airflow" - deployd-test/airflow-site:$AIRFLOW_VERSION >/dev/null
     rm -rf "$ctx"
     # docker import makes a single-layer image; stack them with a tiny build.
     ctx=$(mktemp -d)
+    local label=""
+    [ -n "$key" ] && label="LABEL deployd.testenv.key=\"$key\""
     cat >"$ctx/Dockerfile" <<DOCKERFILE
 FROM deployd-test/airflow-site:$AIRFLOW_VERSION AS site
 FROM $base
@@ -151,6 +199,7 @@ ENV PYTHONPATH=/opt/airflow-site \
     PATH=/opt/airflow-site/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     AIRFLOW_HOME=/usr/local/airflow \
     PYTHONDONTWRITEBYTECODE=1
+$label
 WORKDIR /usr/local/airflow
 ONBUILD COPY . .
 DOCKERFILE

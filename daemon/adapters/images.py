@@ -550,6 +550,38 @@ class Images:
                 on_line(status)
         return digest
 
+    def local_image(self, reference: str, on_line: Line) -> tuple[str, str]:
+        """The local image id of `reference` (IMAGE@DIGEST or IMAGE:TAG) and its digest
+        in the registry; pulled, with [registry]'s credentials, if this Engine no longer
+        has it (pruned by keep_images, or built on another host)."""
+        repository, _, pinned = reference.partition("@")
+        if repository.rfind(":") > repository.rfind("/"):
+            repository = repository.rsplit(":", 1)[0]  # IMAGE:TAG
+        if pinned:
+            reference = f"{repository}@{pinned}"  # IMAGE:TAG@DIGEST: the digest decides
+        with self._engine():
+            try:
+                info = self.api.inspect_image(reference)
+            except docker.errors.ImageNotFound:
+                on_line(f"       pulling {reference}: this Docker Engine no longer has it")
+                self._pull(reference, repository)
+                info = self.api.inspect_image(reference)
+        named = (str(d).split("@", 1) for d in info.get("RepoDigests") or [])
+        digest = next((d for repo, d in named if repo == repository), "")
+        digest = digest or pinned
+        return str(info["Id"]), digest
+
+    def _pull(self, reference: str, repository: str) -> None:
+        try:
+            for event in self.api.pull(
+                reference, stream=True, decode=True, auth_config=self._auth(repository)
+            ):
+                if isinstance(event, dict) and ("error" in event or "errorDetail" in event):
+                    detail = (event.get("errorDetail") or {}).get("message") or event.get("error")
+                    raise RegistryError(f"cannot pull {reference}: {_short(Exception(detail))}")
+        except docker.errors.APIError as exc:
+            raise RegistryError(f"cannot pull {reference}: {_short(exc)}") from exc
+
     # -- housekeeping ---------------------------------------------------------
 
     def prune(self, labels: dict[str, str], keep: int) -> list[str]:

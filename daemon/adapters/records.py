@@ -256,6 +256,7 @@ class Records:
                     "pytest": options.pytest,
                     "allow_dirty": options.allow_dirty,
                     "override_freeze": options.override_freeze,
+                    "image": options.image,
                 }
             ),
             "rollback_of": rollback_of,
@@ -574,6 +575,7 @@ class Records:
                 pytest=bool(options.get("pytest")),
                 allow_dirty=bool(options.get("allow_dirty")),
                 override_freeze=bool(options.get("override_freeze")),
+                image=bool(options.get("image")),
             ),
             image=row["image"],
             tag=row["tag"],

@@ -15,6 +15,8 @@ from daemon import names
 from daemon.adapters import git
 
 HOOK_SOURCE = Path(__file__).resolve().parents[2] / "hooks" / "pre-receive"
+# One script, run by git under both names: the verdict, then a DAG deploy's `live` step.
+HOOK_NAMES = ("pre-receive", "post-receive")
 REPO_CONFIG = {
     "receive.advertisePushOptions": "true",
     "receive.denyDeletes": "true",
@@ -40,7 +42,12 @@ def ensure(state_dir: Path, deployment: str, branch: str, refresh: bool = False)
     SIGHUP): this runs on every push and fetch, where five git processes would show.
     """
     path = repo_path(state_dir, deployment)
-    if not refresh and (path / "HEAD").is_file() and (path / "hooks" / "pre-receive").is_file():
+    hooks = path / "hooks"
+    if (
+        not refresh
+        and (path / "HEAD").is_file()
+        and all((hooks / name).is_file() for name in HOOK_NAMES)
+    ):
         return path
     git.init_bare(path, REPO_CONFIG)
     git.set_head(path, f"refs/heads/{names.branch_name(branch)}")
@@ -49,15 +56,16 @@ def ensure(state_dir: Path, deployment: str, branch: str, refresh: bool = False)
 
 
 def install_hook(repo: Path) -> None:
-    """Write hooks/pre-receive into `repo` with this interpreter on its first line."""
+    """Write the hooks into `repo` with this interpreter on their first line."""
     lines = HOOK_SOURCE.read_text(encoding="utf-8").splitlines(keepends=True)
     text = f"#!{hook_interpreter()} -S\n" + "".join(lines[1:])
-    target = repo / "hooks" / "pre-receive"
-    target.parent.mkdir(exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(0o755)
-    tmp.replace(target)
+    for name in HOOK_NAMES:
+        target = repo / "hooks" / name
+        target.parent.mkdir(exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.chmod(0o755)
+        tmp.replace(target)
 
 
 def record_deployed(

@@ -16,11 +16,13 @@ from typing import Any
 from daemon import names
 from daemon.config import table as v
 from daemon.config.settings import (
+    DAG_SOURCES,
     DEFAULT_NOTIFY_EVENTS,
     DEFAULT_TAG_TEMPLATE,
     KEY_ACCESS,
     NOTIFY_EVENTS,
     NOTIFY_TYPES,
+    AirflowApi,
     Deployment,
     DockerSettings,
     FreezeWindow,
@@ -235,6 +237,8 @@ def _deployment(t: Table) -> Deployment:
         keep_images=t.get_int("keep_images", 10, minimum=1),
         promote_from=t.opt_str("promote_from", check=names.deployment_name),
         freeze_windows=tuple(_freeze_window(w) for w in t.tables("freeze_window")),
+        dag_source=t.get_str("dag_source", "image", check=v.one_of(DAG_SOURCES)),
+        airflow=_airflow_api(t, name),
     )
     t.done()
     if fetch_key_file is not None and fetch_token is not None:
@@ -247,6 +251,35 @@ def _deployment(t: Table) -> Deployment:
             "github_repo is set, so webhook deploys need fetch_url to fetch their commit from.",
         )
     return dep
+
+
+def _airflow_api(t: Table, deployment: str) -> AirflowApi | None:
+    """The deployment's airflow_* keys: the API its DAG deploys follow, if set."""
+    url = t.opt_str("airflow_api_url", check=v.url)
+    username = t.opt_str("airflow_username")
+    password = t.secret("airflow_password_file")
+    token = t.secret("airflow_api_token_file")
+    bundle = t.get_str("airflow_dag_bundle", deployment, check=names.deployment_name)
+    if url is None:
+        for key, value in (
+            ("airflow_username", username),
+            ("airflow_password_file", password),
+            ("airflow_api_token_file", token),
+        ):
+            if value is not None:
+                raise ConfigError(f"{t.where}.{key}", "needs airflow_api_url.")
+        return None
+    if token is not None and (username is not None or password is not None):
+        raise ConfigError(
+            f"{t.where}.airflow_api_token_file",
+            "set airflow_api_token_file, or airflow_username and airflow_password_file, not both.",
+        )
+    if token is None and (username is None or password is None):
+        raise ConfigError(
+            f"{t.where}.airflow_api_url",
+            "needs airflow_username and airflow_password_file, or airflow_api_token_file.",
+        )
+    return AirflowApi(url.rstrip("/"), bundle, username, password, token)
 
 
 def _freeze_window(t: Table) -> FreezeWindow:

@@ -98,6 +98,25 @@ class FreezeWindow:
         return f'freeze window "{self.cron}" ({self.timezone}, {self.duration_seconds} s)'
 
 
+DAG_SOURCES = ("image", "git")
+
+
+@dataclass(frozen=True)
+class AirflowApi:
+    """A deployment's Airflow REST API, which DAG deploys follow until their DAGs are live.
+
+    deployd signs in with `username` + `password` (and renews its token: Airflow 3's
+    expire) or sends a fixed `token`; `bundle` is the name of the GitDagBundle that
+    reads this deployment's repository.
+    """
+
+    url: str
+    bundle: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+
 @dataclass(frozen=True)
 class Deployment:
     """[[deployment]]: one deploy target (an SSH repository, an image, workloads)."""
@@ -126,6 +145,11 @@ class Deployment:
     # Promotion is the only way in: from this deployment (`deployd promote NAME this`).
     promote_from: str | None = None
     freeze_windows: tuple[FreezeWindow, ...] = ()
+    # Where Airflow reads the DAGs (DAG_SOURCES): from the image (every deploy builds
+    # one) or from deployd's repository, so that a change to dags/ only is a DAG
+    # deploy (checked, then the branch moves; nothing is built or restarted).
+    dag_source: str = "image"
+    airflow: AirflowApi | None = None
 
 
 @dataclass(frozen=True)

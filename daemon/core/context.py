@@ -41,6 +41,9 @@ class DeployRequest:
     expect: tuple[str, str] | None = None
     # Keep the deployment's lock until this resolves (git updating the ref).
     hold_lock: asyncio.Future[None] | None = None
+    # A push's verdict, given before the deploy ends: a DAG deploy's publish says yes
+    # here so that git moves the branch, then the deploy goes on (steps/dags.py).
+    answer: asyncio.Future[None] | None = None
     # Fetch the commit from the deployment's fetch_url first (webhook deploys).
     fetch: bool = False
     # A rollback: the successful deploy whose image runs again (nothing is built).
@@ -104,6 +107,9 @@ class DeployContext:
     report: dict[str, Any] | None = None
     # The deployment's last successful deploy when this one started.
     previous: Deploy | None = None
+    # What it ships (core/kinds.py), and for a DAG deploy the paths it changes.
+    kind: str = deploys.IMAGE
+    changed: list[str] = field(default_factory=list)
     # The step under way (the pipeline sets it), and who asked for a cancel of this
     # deploy once its process has seen the request (core/cancel.py).
     step: str = ""

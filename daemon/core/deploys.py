@@ -44,7 +44,9 @@ __all__ = [
 
 # The steps of a deploy, in order. `push` may start (as an upload under a
 # staging tag) while `parse` and `pytest` run, but it only tags after them.
-STEPS = ("preflight", "checkout", "build", "parse", "pytest", "push", "roll")
+# A DAG deploy (core/kinds.py) runs checkout, parse, [pytest], publish (the branch
+# Airflow reads moves) and live (Airflow reports the new DAGs parsed).
+STEPS = ("preflight", "checkout", "build", "parse", "pytest", "push", "roll", "publish", "live")
 
 
 class TransitionError(ValueError):
@@ -67,6 +69,8 @@ class Options:
     allow_dirty: bool = False
     # An admin's push through a freeze (`git push -o override-freeze`), recorded.
     override_freeze: bool = False
+    # An image deploy even if only DAGs changed (`git push -o image`, `deploy --image`).
+    image: bool = False
 
 
 # Where a deploy came from, and what it does (two fields, one meaning each).
@@ -190,8 +194,14 @@ def plan(
     options: Options,
     rollback_to: int | None = None,
     promoted_from: tuple[str, int] | None = None,
+    kind: str = IMAGE,
 ) -> tuple[PlannedStep, ...]:
     """Decide which steps a deploy runs; the order is STEPS.
+
+    A DAG deploy (`kind` DAGS) builds, pushes and rolls nothing: its checks run in the
+    image that runs now, `publish` moves the branch Airflow reads, and `live` follows
+    Airflow's API (when the deployment has one) until the new commit is parsed. A
+    rollback of a DAG deploy is one too: it checks the target's DAGs again.
 
     A promotion (`promoted_from`: the source deployment and its deploy) builds and
     checks nothing: its push step tags the source's image, by digest, in this
@@ -199,6 +209,20 @@ def plan(
     """
     wants_pytest = options.pytest or deployment.pytest
     no_workloads = "" if deployment.workloads else "skipped: no workloads"
+    if kind == DAGS:
+        no_api = (
+            ""
+            if deployment.airflow is not None
+            else "skipped: no airflow_api_url; Airflow picks the commit up within its "
+            "bundle's refresh_interval"
+        )
+        return (
+            PlannedStep("checkout"),
+            PlannedStep("parse"),
+            PlannedStep("pytest", "" if wants_pytest else "skipped: not requested"),
+            PlannedStep("publish"),
+            PlannedStep("live", no_api),
+        )
     if promoted_from is not None:
         source, source_id = promoted_from
         reused = f"skipped: the image of {source}'s deploy #{source_id}, checked there"

@@ -42,7 +42,7 @@ from daemon.core.ports import LABEL_DEPLOY_ID, LABEL_DEPLOYMENT, LABEL_INSTANCE,
 from daemon.core.recovery import reconcile_roll, recover, work_root
 from daemon.errors import EXIT_USAGE, Cancelled, DeploydError, DiskFull, StepFailed
 from daemon.printable import printable
-from daemon.steps import build, checkout, promote, push, roll
+from daemon.steps import build, checkout, dags, live, promote, push, roll
 from daemon.steps.checks import parse, pytest
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ STEP_FUNCTIONS: dict[str, StepFn] = {
     "push": push.run,
     "roll": roll.run,
     "preflight": roll.preflight,
+    "publish": dags.publish,
+    "live": live.run,
 }
 
 
@@ -285,14 +287,20 @@ class Pipeline:
         )
         target = ctx.request.rollback_to
         source = ctx.request.promote_from
+        ctx.previous = records.last_succeeded(dep.name)
+        ctx.kind, why = await dags.decide(ctx)
+        if why:
+            ctx.say(f"-----> {'a DAG' if ctx.kind == deploys.DAGS else 'an image'} deploy: {why}")
+        if ctx.kind != deploys.IMAGE:
+            await ctx.record(records.update, ctx.id, kind=ctx.kind)
         plan = deploys.plan(
             dep,
             ctx.request.options,
             target.id if target else None,
             (source.deployment, source.id) if source else None,
+            kind=ctx.kind,
         )
         await ctx.record(records.plan_steps, ctx.id, [(s.name, s.skip_reason) for s in plan])
-        ctx.previous = records.last_succeeded(dep.name)
         if not await ctx.record(
             records.transition, ctx.id, deploys.QUEUED, deploys.RUNNING, pid=os.getpid()
         ):
@@ -338,14 +346,25 @@ class Pipeline:
             error = f"internal error: {type(exc).__name__}: {exc}"
             await self._finish(ctx, deploys.FAILED, error, None)
             return DeployOutcome(self._record(ctx.id), 1)
-        ctx.say(
-            f"-----> deployed {dep.image}:{ctx.tag} ({ctx.digest}) as deploy #{ctx.id} "
-            f"in {time.monotonic() - started:.1f} s"
-        )
+        took = time.monotonic() - started
+        if ctx.kind == deploys.DAGS:
+            ctx.say(
+                f"-----> deployed the DAGs of {ctx.request.commit[:12]} as deploy #{ctx.id} in "
+                f"{took:.1f} s; the image is unchanged ({dep.image}:{ctx.tag})"
+            )
+        else:
+            ctx.say(
+                f"-----> deployed {dep.image}:{ctx.tag} ({ctx.digest}) as deploy #{ctx.id} "
+                f"in {took:.1f} s"
+            )
         # Recorded the moment it is true; the server branch follows (still under the lock).
         await ctx.record(records.transition, ctx.id, deploys.RUNNING, deploys.SUCCEEDED, step=None)
         log.info("deploy #%s of %s succeeded: %s:%s", ctx.id, dep.name, dep.image, ctx.tag)
-        if ctx.request.policy.branch is Branch.DEPLOYD:
+        if ctx.kind == deploys.IMAGE and (
+            ctx.request.policy.branch is Branch.DEPLOYD
+            # With dag_source = "git" the branch is what runs: a rollback moves it too.
+            or (ctx.request.action == deploys.ROLLBACK and dep.dag_source == "git")
+        ):
             await self._move_branch(ctx)
         return DeployOutcome(self._record(ctx.id), 0)
 
@@ -427,6 +446,15 @@ class Pipeline:
     async def _execute(self, ctx: DeployContext, plan: tuple[deploys.PlannedStep, ...]) -> None:
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         runs = {s.name for s in plan if s.runs}
+        if ctx.kind == deploys.DAGS:
+            await self._step(ctx, "checkout")
+            await self._step(ctx, "parse", run=dags.parse_in_running_image)
+            if "pytest" in runs:
+                await self._step(ctx, "pytest")
+            await self._step(ctx, "publish")
+            if "live" in runs:
+                await self._step(ctx, "live")
+            return
         if "preflight" in runs:
             await self._step(ctx, "preflight")
         target = ctx.request.rollback_to

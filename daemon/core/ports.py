@@ -104,6 +104,8 @@ class Engine(Protocol):
 
     def prune(self, labels: dict[str, str], keep: int) -> list[str]: ...
 
+    def local_image(self, reference: str, on_line: Line) -> tuple[str, str]: ...
+
     def retag(
         self,
         source: str,

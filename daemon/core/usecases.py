@@ -106,9 +106,11 @@ def rollback(
     """A rollback of `dep` to deploy `deploy_id` (default: the one before what runs).
 
     The target is a successful deploy of the deployment (by default the newest
-    one that ran a different image than what runs now). Nothing is built; the
-    server branch does not move. To an older Airflow version it is refused
-    unless forced: the newer version has migrated the metadata database.
+    one that ran a different image than what runs now; with dag_source = "git",
+    a different image or DAG commit). Nothing is built; the server branch does
+    not move, unless Airflow reads its DAGs from it (dag_source = "git"). To an
+    older Airflow version it is refused unless forced: the newer version has
+    migrated the metadata database.
     """
     target = rollback_target(records, dep, deploy_id)
     current = records.last_succeeded(dep.name)
@@ -134,8 +136,14 @@ def rollback(
 
 
 def rollback_target(records: Records, dep: Deployment, deploy_id: int | None) -> Deploy:
-    """The successful deploy a rollback of `dep` runs again."""
-    if not dep.workloads:
+    """The successful deploy a rollback of `dep` runs again.
+
+    With dag_source = "git" what runs is a pair, (image, DAG commit): the default target
+    is the newest deploy whose pair differs, and a deployment without workloads may
+    still roll back its DAGs.
+    """
+    pairs = dep.dag_source == "git"
+    if not dep.workloads and not pairs:
         raise UsageError(
             f"deployment {dep.name} names no workloads: nothing on a cluster to roll back."
         )
@@ -149,10 +157,14 @@ def rollback_target(records: Records, dep: Deployment, deploy_id: int | None) ->
                 "can be rolled back to."
             )
         return rec
+
+    def runs(rec: Deploy) -> tuple[str | None, ...]:
+        return (rec.image, rec.digest, rec.commit) if pairs else (rec.image, rec.digest)
+
     current = records.last_succeeded(dep.name)
-    running = (current.image, current.digest) if current else None
+    running = runs(current) if current else None
     for rec in records.list_deploys(dep.name, limit=1000):
-        if rec.state == deploys.SUCCEEDED and rec.digest and (rec.image, rec.digest) != running:
+        if rec.state == deploys.SUCCEEDED and rec.digest and runs(rec) != running:
             return rec
     raise UsageError(f"there is no earlier successful deploy of {dep.name} to roll back to.")
 

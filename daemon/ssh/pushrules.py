@@ -60,8 +60,9 @@ def parse_updates(lines: list[list[str]]) -> list[RefUpdate]:
 
 
 def parse_options(raw: list[str]) -> Options:
-    """Push options (`git push -o ...`): force, pytest, description=TEXT, override-freeze."""
-    force = pytest = override = False
+    """Push options (`git push -o ...`): force, pytest, image, description=TEXT,
+    override-freeze."""
+    force = pytest = override = image = False
     description = ""
     for option in raw:
         if option == "force":
@@ -70,6 +71,8 @@ def parse_options(raw: list[str]) -> Options:
             pytest = True
         elif option == "override-freeze":
             override = True
+        elif option == "image":
+            image = True
         elif option.startswith("description="):
             description = option.partition("=")[2].strip()
             if len(description) > MAX_DESCRIPTION or not description.isprintable():
@@ -79,10 +82,16 @@ def parse_options(raw: list[str]) -> Options:
                 )
         else:
             raise Refused(
-                f"unknown push option {option[:40]!r}: use -o force, -o pytest, "
+                f"unknown push option {option[:40]!r}: use -o force, -o pytest, -o image, "
                 "-o description=TEXT or -o override-freeze."
             )
-    return Options(force=force, pytest=pytest, description=description, override_freeze=override)
+    return Options(
+        force=force,
+        pytest=pytest,
+        description=description,
+        override_freeze=override,
+        image=image,
+    )
 
 
 def decide(updates: list[RefUpdate], branch: str, raw_options: list[str]) -> PushPlan:

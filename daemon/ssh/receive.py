@@ -5,25 +5,70 @@ the pusher line by line. If the client goes away mid-deploy, the deploy runs
 to its end: git's receive-pack is kept alive (its output drained) so that on
 success the ref is still updated and the commit kept, and on failure nothing
 is. A push is never left half-deployed.
+
+A DAG deploy's verdict comes before its end: once its checks pass, git moves the
+branch (which Airflow reads), and the `live` step follows Airflow; its lines are
+held for the post-receive hook, which relays them while the pusher still watches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from daemon.adapters import git, repos
 from daemon.core import access, usecases
 from daemon.core.context import DeployRequest
-from daemon.core.pipeline import Pipeline
+from daemon.core.pipeline import DeployOutcome, Pipeline
 from daemon.errors import DeploydError
 from daemon.ssh import pushrules
 from daemon.ssh.hookline import Say
 from daemon.ssh.server import SSHState
 
 log = logging.getLogger(__name__)
+
+
+class Relay:
+    """A deploy's sink that can change hands: the pre-receive hook's, then held lines,
+    then the post-receive hook's. Called from deploy threads as well as the loop."""
+
+    def __init__(self, say: Say) -> None:
+        self._say: Say | None = say
+        self._held: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self._lock:
+            if self._say is None:
+                self._held.append(line)
+                return
+            say = self._say
+        say(line)
+
+    def hold(self) -> None:
+        """Keep the lines from now on until `attach`."""
+        with self._lock:
+            self._say = None
+
+    def attach(self, say: Say) -> None:
+        """Send the held lines, then every later one, to `say`."""
+        with self._lock:
+            held, self._held = self._held, []
+            for line in held:
+                say(line)
+            self._say = say
+
+
+@dataclass
+class After:
+    """A deploy that goes on after its push's verdict: its lines and its end."""
+
+    relay: Relay
+    run: asyncio.Task[DeployOutcome]
 
 
 class Receiver:
@@ -41,6 +86,8 @@ class Receiver:
         assert task is not None
         self.running.add(task)
         try:
+            if request.get("hook") == "post-receive":
+                return await self._after(request, say)
             return await self._receive(request, say)
         except DeploydError as exc:
             say(f"deployd: {exc.message}")
@@ -93,9 +140,32 @@ class Receiver:
             object_env=object_env,
             expect=(plan.ref, plan.old),
             hold_lock=session.done,
+            answer=asyncio.get_running_loop().create_future(),
         )
-        outcome = await self.pipeline.run(deploy, sink=say)
-        return 0 if outcome.exit_code == 0 else 1
+        relay = Relay(say)
+        run = asyncio.create_task(self.pipeline.run(deploy, sink=relay))
+        self.running.add(run)
+        run.add_done_callback(self.running.discard)
+        assert deploy.answer is not None
+        either: set[asyncio.Future[Any]] = {run, deploy.answer}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if run.done():
+            return 0 if run.result().exit_code == 0 else 1
+        # Accepted before the end: git moves the branch now, the post-receive hook
+        # relays the rest.
+        relay.hold()
+        session.after = After(relay, run)
+        return 0
+
+    async def _after(self, request: dict[str, Any], say: Say) -> int:
+        """The post-receive hook: relay what the deploy says after its verdict, to its end."""
+        session = self.state.sessions.get(str(request.get("session", "")))
+        after = session.after if session is not None else None
+        if not isinstance(after, After):
+            return 0  # nothing runs on after the verdict (an image deploy has ended)
+        after.relay.attach(say)
+        outcome = await asyncio.shield(after.run)
+        return outcome.exit_code
 
 
 def _object_env(repo: Path, env: object) -> dict[str, str]:

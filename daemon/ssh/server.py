@@ -73,6 +73,9 @@ class PushSession:
     deployment: str
     done: asyncio.Future[None]
     hooked: bool = False  # the pre-receive hook reached deployd (git stored the push)
+    # A deploy still running after its verdict (a DAG deploy's `live` step): its
+    # lines wait here for the post-receive hook (ssh/receive.py).
+    after: Any = None
 
 
 @dataclass

@@ -49,14 +49,22 @@ def refuse_escaping_links(root: Path) -> None:
         raise CheckError(".deployd.Dockerfile is deployd's own file name; rename that file.")
 
 
+async def fetch_env(ctx: DeployContext) -> dict[str, str]:
+    """The environment git fetches from the deployment's fetch_url with."""
+    dep = ctx.deployment
+    known_hosts = ctx.services.settings.server.state_dir / "known_hosts"
+    await asyncio.to_thread(git.seed_known_hosts, known_hosts)
+    return git.fetch_env(
+        key_file=dep.fetch_key_file, token=dep.fetch_token, known_hosts=known_hosts
+    )
+
+
 async def fetch(ctx: DeployContext) -> str:
     """Fetch a webhook deploy's commit from fetch_url, if it is the branch's tip there."""
     req, dep = ctx.request, ctx.deployment
     if not dep.fetch_url:
         raise GitError(f"deployment {dep.name} has no fetch_url to fetch the commit from.")
-    known_hosts = ctx.services.settings.server.state_dir / "known_hosts"
-    await asyncio.to_thread(git.seed_known_hosts, known_hosts)
-    env = git.fetch_env(key_file=dep.fetch_key_file, token=dep.fetch_token, known_hosts=known_hosts)
+    env = await fetch_env(ctx)
     t0 = time.monotonic()
     tip = await asyncio.to_thread(git.remote_tip, req.repo, dep.fetch_url, dep.branch, env)
     if tip != req.commit:

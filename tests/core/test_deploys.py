@@ -36,13 +36,28 @@ def test_refused_transitions(a: str, b: str) -> None:
 
 def test_plan_skips_pytest_and_roll_by_default() -> None:
     plan = deploys.plan(Deployment(name="p", image="r.io/a/b"), Options())
-    assert [s.name for s in plan] == list(deploys.STEPS)
+    assert [s.name for s in plan] == [s for s in deploys.STEPS if s not in ("publish", "live")]
     skipped = {s.name: s.skip_reason for s in plan if not s.runs}
     assert skipped == {
         "preflight": "skipped: no workloads",
         "pytest": "skipped: not requested",
         "roll": "skipped: no workloads",
     }
+
+
+def test_a_dag_deploy_checks_publishes_and_follows_airflow_only() -> None:
+    dep = Deployment(name="p", image="r.io/a/b", dag_source="git")
+    plan = deploys.plan(dep, Options(pytest=True), kind=deploys.DAGS)
+    assert [(s.name, s.runs) for s in plan] == [
+        ("checkout", True),
+        ("parse", True),
+        ("pytest", True),
+        ("publish", True),
+        ("live", False),  # no airflow_api_url
+    ]
+    assert plan[-1].skip_reason.startswith("skipped: no airflow_api_url")
+    # The steps keep STEPS' order.
+    assert [s.name for s in plan] == [s for s in deploys.STEPS if s in {p.name for p in plan}]
 
 
 def test_plan_runs_pytest_when_asked_or_configured() -> None:

@@ -152,7 +152,7 @@ async def test_an_unknown_push_option_is_refused(push: Push) -> None:
     assert await push.send(options=["yolo"]) == 1
     assert push.lines == [
         "deployd: unknown push option 'yolo': use -o force, -o pytest, "
-        "-o description=TEXT or -o override-freeze."
+        "-o image, -o description=TEXT or -o override-freeze."
     ]
     assert push.w.records.list_deploys(None, 100) == []
 

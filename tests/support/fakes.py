@@ -151,6 +151,12 @@ class FakeEngine:
     def prune(self, labels: dict[str, str], keep: int) -> list[str]:
         return []
 
+    def local_image(self, reference: str, on_line: Line) -> tuple[str, str]:
+        """The image a DAG deploy checks in: here whatever it names, by its digest."""
+        self.calls.append(f"local_image {reference}")
+        digest = reference.partition("@")[2]
+        return "sha256:" + (digest.removeprefix("sha256:") or "0" * 64), digest
+
     def retag(
         self,
         source: str,

@@ -39,8 +39,9 @@ def _quoted(values: list[str] | tuple[str, ...]) -> str:
 class SSHWorld:
     """What `deployd serve` wires for the SSH server and the receiver, over fakes."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, dag_source: str = "image") -> None:
         self.root = tmp_path
+        self.dag_source = dag_source
         self.keys = {
             name: asyncssh.generate_private_key("ssh-ed25519", comment=name)
             for name in (*KEYS, "eve")
@@ -72,6 +73,7 @@ class SSHWorld:
             'name = "prod"',
             'image = "registry.test/airflow/prod"',
             f"workloads = {_quoted(WORKLOADS)}",
+            f'dag_source = "{self.dag_source}"',
             "",
             "[[deployment]]",
             'name = "staging"',
