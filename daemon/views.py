@@ -32,6 +32,7 @@ def deploy_json(d: Deploy) -> dict[str, Any]:
             "pytest": d.options.pytest,
             "allow_dirty": d.options.allow_dirty,
             "override_freeze": d.options.override_freeze,
+            "image": d.options.image,
         },
         "image": d.image,
         "tag": d.tag,

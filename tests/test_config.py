@@ -215,6 +215,27 @@ def test_minimal_config_takes_defaults(tmp_path: Path) -> None:
             "key[0].access",
             '"read" cannot be combined with admin = true',
         ),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\ndag_source = "s3"\n',
+            "deployment[0].dag_source",
+            "'s3' is not one of image, git",
+        ),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nairflow_username = "d"\n',
+            "deployment[0].airflow_username",
+            "needs airflow_api_url",
+        ),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\n'
+            'airflow_api_url = "http://airflow:8080"\n',
+            "deployment[0].airflow_api_url",
+            "needs airflow_username and airflow_password_file, or airflow_api_token_file",
+        ),
+        (
+            '[[deployment]]\nname = "p"\nimage = "reg.io/a/b"\nairflow_api_url = "airflow"\n',
+            "deployment[0].airflow_api_url",
+            "not an http(s) URL",
+        ),
         ("[server\n", "", "not valid TOML"),
     ],
 )
@@ -359,6 +380,50 @@ def test_bad_notify_targets_are_refused_without_showing_the_url(
     assert info.value.key == key
     assert problem in str(info.value)
     assert "SECRET-PART" not in str(info.value)
+
+
+def test_dag_source_and_the_airflow_api(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret\n")
+    (tmp_path / "tok").write_text("t0ken\n")
+    base = '[[deployment]]\nname = "prod"\nimage = "reg.io/a/b"\n'
+    plain = config.load(write(tmp_path, base)).deployment("prod")
+    assert (plain.dag_source, plain.airflow) == ("image", None)
+    signed_in = config.load(
+        write(
+            tmp_path,
+            base + 'dag_source = "git"\nairflow_api_url = "https://af.example.com/"\n'
+            'airflow_username = "deployd"\nairflow_password_file = "pw"\n',
+        )
+    ).deployment("prod")
+    assert signed_in.dag_source == "git" and signed_in.airflow is not None
+    api = signed_in.airflow
+    assert (api.url, api.bundle, api.username, api.password, api.token) == (
+        "https://af.example.com",
+        "prod",
+        "deployd",
+        "s3cret",
+        None,
+    )
+    assert "s3cret" not in repr(signed_in)
+    token = config.load(
+        write(
+            tmp_path,
+            base + 'airflow_api_url = "http://af:8080"\nairflow_api_token_file = "tok"\n'
+            'airflow_dag_bundle = "lake"\n',
+        )
+    ).deployment("prod")
+    assert token.airflow is not None and (token.airflow.token, token.airflow.bundle) == (
+        "t0ken",
+        "lake",
+    )
+    with pytest.raises(ConfigError, match="not both"):
+        config.load(
+            write(
+                tmp_path,
+                base + 'airflow_api_url = "http://af:8080"\nairflow_api_token_file = "tok"\n'
+                'airflow_username = "d"\nairflow_password_file = "pw"\n',
+            )
+        )
 
 
 def test_metrics_keys(tmp_path: Path) -> None:

@@ -69,6 +69,10 @@ def _deploy() -> Schema:
                     "pytest": {"type": "boolean"},
                     "allow_dirty": {"type": "boolean"},
                     "override_freeze": {"type": "boolean"},
+                    "image": {
+                        "type": "boolean",
+                        "description": "An image deploy was asked for (-o image, --image).",
+                    },
                 }
             ),
             "image": _NULLABLE_STRING,

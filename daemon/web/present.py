@@ -63,6 +63,7 @@ def options(rec: Deploy) -> str:
         ("pytest", o.pytest),
         ("allow dirty", o.allow_dirty),
         ("override freeze", o.override_freeze),
+        ("image", o.image),
     ]
     return ", ".join(name for name, on in named if on) or "none"
 

@@ -80,3 +80,17 @@ async def test_a_refused_dag_change_leaves_the_branch_and_the_push_fails(world: 
     assert git(repos.repo_path(w.state_dir, "prod"), "rev-parse", "refs/heads/main") == before
     rec = w.records.get(2)
     assert rec is not None and (rec.state, rec.kind, rec.step) == ("failed", "dags", "parse")
+
+
+async def test_push_option_image_builds_for_a_dag_change(world: SSHWorld) -> None:
+    w = world
+    git(w.project, "remote", "add", "astro", url(w, "prod"))
+    assert (await git_as(w, "alice", "push", "astro", "main", cwd=w.project)).returncode == 0
+    (w.project / "dags" / "example_dag.py").write_text(GOOD_DAG.format(dag_id="example_v2"))
+    commit_all(w.project, "a DAG change, built anyway")
+    pushed = await git_as(w, "alice", "push", "-o", "image", "astro", "main", cwd=w.project)
+    assert pushed.returncode == 0, pushed.stderr
+    assert "remote: -----> an image deploy: asked for (-o image / --image)" in pushed.stderr
+    rec = w.records.get(2)
+    assert rec is not None and (rec.kind, rec.options.image) == ("image", True)
+    assert any(c.startswith("build") for c in w.engine.calls)
