@@ -33,7 +33,7 @@ from daemon.adapters.records import Records
 from daemon.core.context import Services
 from daemon.core.pipeline import HOLD_LOCK_SECONDS, Pipeline
 from daemon.core.policy import Lifecycle
-from daemon.core.recovery import reconcile_roll, recover
+from daemon.core.recovery import finish_rollbacks, reconcile_roll, recover, unfinished_rollbacks
 from daemon.errors import DeploydError
 from daemon.http import app as web_mod
 from daemon.http.api import Api
@@ -49,6 +49,11 @@ from daemon.web.identity import Identity, ensure_secret
 from daemon.web.pages import Dashboard
 
 log = logging.getLogger(__name__)
+
+
+# How often the daemon looks for rollbacks that gave up (the API away too long), to finish
+# them once the cluster answers again.
+FINISH_ROLLBACKS_SECONDS = 10.0
 
 
 def _split(listen: str) -> tuple[str, int]:
@@ -162,6 +167,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.notifier.send("READY=1", "STATUS=serving")
         watchdog = asyncio.create_task(self._watchdog())
+        rollbacks = asyncio.create_task(self._finish_rollbacks())
         try:
             await self.stop_requested.wait()
         finally:
@@ -178,6 +184,7 @@ class Daemon:
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             watchdog.cancel()
+            rollbacks.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
@@ -244,6 +251,28 @@ class Daemon:
         while True:
             self.notifier.send("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    async def _finish_rollbacks(self) -> None:
+        """Every FINISH_ROLLBACKS_SECONDS: finish the rollbacks that gave up, for each
+        deployment whose lock is free (a deploy that holds it does this at its start)."""
+        state_dir = self.settings.server.state_dir
+        while True:
+            await asyncio.sleep(FINISH_ROLLBACKS_SECONDS)
+            try:
+                pending = await asyncio.to_thread(unfinished_rollbacks, self.records)
+                names = {deployment for _, deployment in pending}
+                for dep in self.settings.deployments:
+                    if dep.name not in names or not dep.workloads:
+                        continue
+                    lock = DeploymentLock(state_dir, dep.name)
+                    if not lock.try_acquire():
+                        continue
+                    try:
+                        await finish_rollbacks(self.services, dep.name)
+                    finally:
+                        lock.release()
+            except Exception:
+                log.exception("finishing rollbacks failed; trying again later")
 
     def _recover_all(self) -> list[tuple[str, int]]:
         """Recover every deployment not locked by a live deploy; the deploys marked dead."""

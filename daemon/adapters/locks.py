@@ -9,6 +9,10 @@ leaves a lock behind:
 - every waiter holds `wait-<ticket>.lock`; it may take `held.lock` only when
   no live waiter with a smaller ticket remains. A waiter file whose flock can
   be taken belongs to a dead process and is removed.
+
+Waiters in the process that releases or leaves the queue are woken at once
+(`wake`); what other processes do is seen by a slow poll. A daemon with many
+deploys queued so spends its event loop on hand-overs, not on polling.
 """
 
 from __future__ import annotations
@@ -16,14 +20,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import inspect
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-_POLL_SECONDS = 0.05
-# A waiter with another live waiter ahead cannot be next, so it looks less often: each
-# look is file operations (and the caller's give_up) on the event loop, per waiter.
-_BEHIND_POLL_SECONDS = 0.2
+# How often a waiter looks without being woken: for a release, a dead waiter or a give-up
+# in another process (a CLI deploy, `deployd cancel`). Each look is file operations and
+# the caller's give_up, per waiter.
+_POLL_SECONDS = 0.5
+
+# The waiters of this process, by lock directory: woken by release, dequeue and `wake`.
+_waiters: dict[Path, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+_waiters_lock = threading.Lock()
+
+
+def wake(state_dir: Path, deployment: str) -> None:
+    """Make this process's waiters for `deployment`'s lock look again now (thread-safe):
+    the lock was released, or a queued deploy was ended and should leave the queue."""
+    _wake(state_dir / "locks" / deployment)
+
+
+def _wake(directory: Path) -> None:
+    with _waiters_lock:
+        waiting = list(_waiters.get(directory, ()))
+    for loop, event in waiting:
+        with contextlib.suppress(RuntimeError):  # its loop has closed
+            loop.call_soon_threadsafe(event.set)
 
 
 class DeploymentLock:
@@ -65,26 +89,41 @@ class DeploymentLock:
         self,
         ticket: int,
         on_wait: Callable[[int | None], None] | None = None,
-        give_up: Callable[[], bool] | None = None,
+        give_up: Callable[[], bool | Awaitable[bool]] | None = None,
     ) -> bool:
         """Wait in ticket order for the lock; False if `give_up()` said so first.
 
-        `on_wait(ahead)` is called once if we must wait.
+        `on_wait(ahead)` is called once if we must wait. `give_up` may be a coroutine
+        function (a records read off the event loop).
         """
+        event = asyncio.Event()
+        entry = (asyncio.get_running_loop(), event)
+        with _waiters_lock:
+            _waiters.setdefault(self.dir, set()).add(entry)
         self._enqueue(ticket)
         told = False
         try:
             while True:
+                event.clear()
                 ahead = self._live_waiters_before(ticket)
                 if not ahead and self.try_acquire(ticket):
                     return True
-                if give_up is not None and give_up():
-                    return False
+                if give_up is not None:
+                    answer = give_up()
+                    if await answer if inspect.isawaitable(answer) else answer:
+                        return False
                 if not told and on_wait is not None:
                     on_wait(self.holder() or (ahead[0] if ahead else None))
                     told = True
-                await asyncio.sleep(_BEHIND_POLL_SECONDS if ahead else _POLL_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), _POLL_SECONDS)
         finally:
+            with _waiters_lock:
+                mine = _waiters.get(self.dir)
+                if mine is not None:
+                    mine.discard(entry)
+                    if not mine:
+                        del _waiters[self.dir]
             self._dequeue()
 
     def release(self) -> None:
@@ -94,6 +133,7 @@ class DeploymentLock:
                 os.ftruncate(self._held_fd, 0)
             os.close(self._held_fd)
             self._held_fd = None
+            _wake(self.dir)
 
     def _enqueue(self, ticket: int) -> None:
         # Lock under a temporary name, then rename: a file visible under its
@@ -111,6 +151,7 @@ class DeploymentLock:
                 self._wait_path.unlink()
         if self._wait_fd is not None:
             os.close(self._wait_fd)
+            _wake(self.dir)  # the next in line may be the one behind us
         self._wait_fd = self._wait_path = None
 
     def _live_waiters_before(self, ticket: int) -> list[int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from daemon.core.freezes import Freeze, describe
 from daemon.core.logs import DeployLog, Sink
 from daemon.core.policy import Branch, Frozen, Lifecycle
 from daemon.core.ports import LABEL_DEPLOY_ID, LABEL_DEPLOYMENT, LABEL_INSTANCE, instance
-from daemon.core.recovery import reconcile_roll, recover, work_root
+from daemon.core.recovery import finish_rollbacks, reconcile_roll, recover, work_root
 from daemon.errors import EXIT_USAGE, Cancelled, DeploydError, DiskFull, StepFailed
 from daemon.printable import printable
 from daemon.steps import build, checkout, dags, live, promote, push, roll
@@ -212,13 +213,7 @@ class Pipeline:
                     on_wait=lambda ahead: dlog.write(
                         f"       queued behind deploy #{ahead}" if ahead else "       queued"
                     ),
-                    # Superseded (or otherwise ended) while it waited: leave the queue. A
-                    # deploy that resumes after a restart also leaves it when the daemon
-                    # stops: it stays queued and the next daemon runs it.
-                    give_up=lambda: (
-                        records.state(deploy_id) != deploys.QUEUED
-                        or (self.lifecycle is not Lifecycle.SERVING and resumes)
-                    ),
+                    give_up=functools.partial(self._gives_up, deploy_id, resumes),
                 )
                 if not (got and waits) or await self._freeze(request) is None:
                     return got
@@ -242,6 +237,15 @@ class Pipeline:
                     error=f"{state} while queued",
                 )
             raise
+
+    async def _gives_up(self, deploy_id: int, resumes: bool) -> bool:
+        """Whether a waiting deploy leaves the lock's queue: superseded (or otherwise
+        ended) while it waited; one that resumes after a restart also leaves it when the
+        daemon stops (it stays queued and the next daemon runs it)."""
+        if self.lifecycle is not Lifecycle.SERVING and resumes:
+            return True
+        state = await asyncio.to_thread(self.services.records.state, deploy_id)
+        return state != deploys.QUEUED
 
     async def _freeze(self, request: DeployRequest) -> Freeze | None:
         """What freezes the request's deployment now (recorded or a window), if anything."""
@@ -378,6 +382,9 @@ class Pipeline:
         ):
             ctx.say(f"       deploy #{gone} had died; marked interrupted")
             await reconcile_roll(self.services, dep.name, gone)
+        if dep.workloads:
+            for done in await finish_rollbacks(self.services, dep.name):
+                ctx.say(f"       {done}")
         if ctx.request.policy.superseded_by_newer:
             newer = records.newer_queued(dep.name, ctx.id, ctx.request.trigger)
             if newer is not None:

@@ -127,6 +127,65 @@ async def reconcile_roll(services: Services, deployment: str, deploy_id: int) ->
     await asyncio.to_thread(records.update, deploy_id, error=f"{rec.error} At recovery: {what}.")
 
 
+async def finish_rollbacks(services: Services, deployment: str) -> list[str]:
+    """Finish the rollbacks of `deployment` that gave up (the API away too long); with its
+    lock held (the next deploy's start, or the daemon's loop). Returns what was done.
+
+    The workloads that still carry such a deploy's changes get back the pod templates its
+    roll saved; a rollback is finished once none carries them (a later deploy may have
+    replaced them). While the API stays away nothing changes and it is tried again.
+    """
+    from daemon.steps import roll
+
+    records = services.records
+    pending = await asyncio.to_thread(unfinished_rollbacks, records, deployment)
+    if not pending:
+        return []
+    dep = services.settings.deployment(deployment)
+    cluster = services.cluster(dep)
+    done = []
+    try:
+        for deploy_id, _ in pending:
+            restored, failures = await roll.undo(records, cluster, deploy_id)
+            if failures:
+                log.info("deploy #%s's rollback still unfinished: %s", deploy_id, failures)
+                continue
+            what = (
+                f"{', '.join(restored)} rolled back to what ran before"
+                if restored
+                else "no workload carries its changes any more"
+            )
+            line = f"-----> later: the rollback finished: {what}"
+            await asyncio.to_thread(records.append_log, deploy_id, "roll", [line])
+            await asyncio.to_thread(records.put_artifact, deploy_id, roll.FINISHED, what)
+            rec = records.get(deploy_id)
+            error = f"{rec.error if rec else ''} Later the rollback finished: {what}."
+            await asyncio.to_thread(records.update, deploy_id, error=error.strip())
+            log.warning("deploy #%s of %s: the rollback finished: %s", deploy_id, deployment, what)
+            done.append(f"deploy #{deploy_id}'s rollback had not finished; now {what}")
+    finally:
+        await cluster.close()
+    return done
+
+
+def unfinished_rollbacks(
+    records: Records, deployment: str | None = None
+) -> list[tuple[int, str]]:
+    """(id, deployment) of the deploys (of `deployment`, or of all) whose rollback gave up
+    and is not finished."""
+    from daemon.steps import roll
+
+    rows = records.read(
+        "SELECT a.deploy_id AS id, d.deployment AS deployment "
+        "FROM artifacts a JOIN deploys d ON d.id = a.deploy_id "
+        "WHERE a.name = ? AND (? IS NULL OR d.deployment = ?) AND NOT EXISTS "
+        "(SELECT 1 FROM artifacts b WHERE b.deploy_id = a.deploy_id AND b.name = ?) "
+        "ORDER BY a.deploy_id",
+        [roll.UNFINISHED, deployment, deployment, roll.FINISHED],
+    )
+    return [(int(r["id"]), str(r["deployment"])) for r in rows]
+
+
 def _clean_work_dirs(root: Path, keep: int | None) -> None:
     if not root.is_dir():
         return

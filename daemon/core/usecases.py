@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.adapters import freezes, git, repos
+from daemon.adapters import freezes, git, locks, repos
 from daemon.adapters.locks import DeploymentLock
 from daemon.adapters.records import Records
 from daemon.adapters.registry import split as split_repository
@@ -335,6 +335,8 @@ def cancel(
     if not rec.final and records.request_cancel(deploy_id, by) is not None:
         now = records.get(deploy_id)
         assert now is not None
+        # A queued deploy of this process leaves the lock's queue now, not at its next look.
+        locks.wake(records.path.parent, now.deployment)
         return CancelAsked(now, mark, already=False)
     now = records.get(deploy_id)
     assert now is not None

@@ -18,7 +18,7 @@ from daemon.adapters import git, repos
 from daemon.core import kinds
 from daemon.core.context import DeployContext
 from daemon.core.kinds import DAGS, IMAGE, Kind
-from daemon.errors import DeploydError, GitError
+from daemon.errors import CheckError, DeploydError, GitError
 
 # How long git may take to move the branch after the pre-receive hook said yes.
 GIT_UPDATE_SECONDS = 60.0
@@ -94,24 +94,49 @@ async def _prefetch(ctx: DeployContext) -> None:
         return
 
 
-async def running_image(ctx: DeployContext) -> None:
-    """Point the checks at the image that runs now, and record it as this deploy's.
+async def parse_in_running_image(ctx: DeployContext) -> str:
+    """The parse step of a DAG deploy: the usual checks, in the image that runs now.
 
-    That is the last successful deploy's, unless the cluster is found running another
-    (a hand-made `kubectl set image`): then that one, and the log says so. Pulled by
-    digest if this Engine no longer has it.
+    That is the last successful deploy's, pulled by digest if this Engine no longer has
+    it. The cluster is read beside the check (a few hundred ms): if it runs another image
+    (a hand-made `kubectl set image`), the log says so and the check runs again in that
+    one, whose verdict stands.
     """
+    from daemon.steps.checks import parse
+
     prev = ctx.previous
     assert prev is not None and prev.image and prev.digest
-    reference = f"{prev.image}@{prev.digest}"
-    found = await _cluster_image(ctx)
+    cluster = asyncio.create_task(_cluster_image(ctx))
+    failed: CheckError | None = None
+    try:
+        await _use_image(ctx, f"{prev.image}@{prev.digest}")
+        summary = await parse.run(ctx)
+    except CheckError as exc:
+        failed = exc
+    except BaseException:
+        cluster.cancel()
+        with contextlib.suppress(BaseException):
+            await cluster
+        raise
+    found = await cluster
     if found and not found.endswith("@" + prev.digest):
         ctx.say(
-            f"       the cluster runs {found}, not deploy #{prev.id}'s image "
-            f"({reference}); checking the DAGs against what the cluster runs",
+            f"       the cluster runs {found}, not deploy #{prev.id}'s image; checking the "
+            "DAGs again against what the cluster runs",
             "parse",
         )
-        reference = found
+        await _use_image(ctx, found)
+        return await parse.run(ctx)
+    if failed is not None:
+        raise failed
+    return summary
+
+
+async def _use_image(ctx: DeployContext, reference: str) -> None:
+    """Point the checks at `reference` (IMAGE@DIGEST, or what the cluster names) and record
+    it as this deploy's image: a DAG deploy changes what runs only by its DAGs."""
+    prev = ctx.previous
+    assert prev is not None and prev.image
     images = ctx.services.images
     ctx.image_id, digest = await asyncio.to_thread(
         images.local_image, reference, lambda line: ctx.say(line, "parse")
@@ -122,19 +147,11 @@ async def running_image(ctx: DeployContext) -> None:
         image, tag = named, ""
         if named.rfind(":") > named.rfind("/"):
             image, tag = named.rsplit(":", 1)
-    ctx.tag, ctx.digest = tag, digest or prev.digest
+    ctx.tag, ctx.digest = tag, digest or prev.digest or ""
     await ctx.record(
         ctx.services.records.update, ctx.id, image=image, tag=ctx.tag, digest=ctx.digest
     )
     ctx.say(f"       checking in {reference}, the image that runs now", "parse")
-
-
-async def parse_in_running_image(ctx: DeployContext) -> str:
-    """The parse step of a DAG deploy: the usual checks, in the image that runs now."""
-    from daemon.steps.checks import parse
-
-    await running_image(ctx)
-    return await parse.run(ctx)
 
 
 async def _cluster_image(ctx: DeployContext) -> str:
@@ -203,6 +220,9 @@ async def _git_moved(ctx: DeployContext) -> None:
 
 
 async def move_back(ctx: DeployContext, commit: str) -> None:
-    """Point the branch at `commit` again (a DAG deploy Airflow could not load)."""
-    req = ctx.request
-    await asyncio.to_thread(git.update_ref, req.repo, f"refs/heads/{ctx.deployment.branch}", commit)
+    """Point the server repository's branch at `commit` again (a DAG deploy Airflow could
+    not load, or one cancelled while live); the deploy's own repository may be a CLI
+    user's checkout."""
+    dep = ctx.deployment
+    server = repos.repo_path(ctx.services.settings.server.state_dir, dep.name)
+    await asyncio.to_thread(git.update_ref, server, f"refs/heads/{dep.branch}", commit)

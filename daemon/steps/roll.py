@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 # The workloads as they were before a roll patched them (an artifact of the deploy).
 SAVED_TARGETS = "roll-targets.json"
+# A rollback that gave up (the API away past rollout_timeout_seconds twice): kept with the
+# deploy until core/recovery.finish_rollbacks has put the workloads back.
+UNFINISHED = "rollback-unfinished"
+FINISHED = "rollback-finished"
 RESTORE_RETRY_SECONDS = 2.0  # between tries to put a workload back while the API is away
 
 
@@ -109,9 +113,12 @@ async def run(ctx: DeployContext) -> str:
     )
     if back or unrestored:
         what = f"the rollout failed ({reason})" if reason is not None else cancel.message(ctx)
+        why = "; ".join(unrestored + ([back] if back else []))
+        # deployd finishes it once the API answers again (core/recovery.finish_rollbacks).
+        await ctx.record(ctx.services.records.put_artifact, ctx.id, UNFINISHED, why)
         raise DeploydError(
-            f"{what} and the rollback did not finish "
-            f"either ({'; '.join(unrestored + ([back] if back else []))}); check the cluster."
+            f"{what} and the rollback did not finish either ({why}); deployd tries again "
+            "until the cluster answers (check it)."
         )
     if reason is None:
         detail = f"{_count(len(patched))} rolled back to what ran before"

@@ -9,7 +9,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from daemon.adapters import locks
 from daemon.adapters.locks import DeploymentLock
 
 HOLD = """
@@ -122,3 +124,43 @@ async def test_a_waiter_that_gives_up_leaves_the_queue(tmp_path: Path) -> None:
     behind = DeploymentLock(tmp_path, "prod")
     assert await asyncio.wait_for(behind.acquire(3), timeout=5) is True
     behind.release()
+
+
+async def test_waiters_of_this_process_are_woken_not_left_to_their_poll(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    # With the poll an hour long, only the wake-ups hand the lock over: on release, on a
+    # waiter ahead leaving the queue, and on `wake` (a queued deploy was cancelled).
+    monkeypatch.setattr(locks, "_POLL_SECONDS", 3600.0)
+    holder = DeploymentLock(tmp_path, "prod")
+    assert holder.try_acquire(1)
+    order: list[int] = []
+    cancelled = asyncio.Event()
+
+    async def wait(ticket: int, give_up: Any = None) -> None:
+        lock = DeploymentLock(tmp_path, "prod")
+        if await lock.acquire(ticket, give_up=give_up):
+            order.append(ticket)
+            await asyncio.sleep(0.01)
+            lock.release()
+        else:
+            order.append(-ticket)
+
+    async def is_cancelled() -> bool:
+        return cancelled.is_set()
+
+    waiters = [
+        asyncio.create_task(wait(2, is_cancelled)),
+        asyncio.create_task(wait(3)),
+        asyncio.create_task(wait(4)),
+    ]
+    await asyncio.sleep(0.1)
+    assert order == []
+    cancelled.set()
+    locks.wake(tmp_path, "prod")  # 2 leaves the queue; 3 is next, the lock still held
+    await asyncio.sleep(0.1)
+    assert order == [-2]
+    holder.release()
+    await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert order == [-2, 3, 4]
+    assert locks._waiters == {}

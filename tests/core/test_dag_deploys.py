@@ -9,8 +9,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from daemon.adapters import repos
+from daemon.adapters.airflow import BundleDag, BundleState, ImportFailure
 from daemon.core import deploys, usecases
+from daemon.steps import live
 from tests.core.test_pipeline_states import WORKLOADS, World
 from tests.support.projects import GOOD_DAG, git
 
@@ -23,6 +27,12 @@ def commit(w: World, files: dict[str, str], message: str = "change") -> str:
     subprocess.run(["git", "-C", str(w.project), "add", "-A"], check=True)
     subprocess.run(["git", "-C", str(w.project), "commit", "-qm", message], check=True)
     return git(w.project, "rev-parse", "HEAD")
+
+
+def rec_image(w: World, ident: int) -> str:
+    rec = w.records.get(ident)
+    assert rec is not None
+    return f"{rec.image}@{rec.digest}"
 
 
 def branch(w: World) -> str:
@@ -124,7 +134,14 @@ async def test_a_dag_deploy_says_when_the_cluster_runs_another_image(tmp_path: P
     assert any(
         "the cluster runs registry.test/airflow/prod:handmade@sha256:eee" in ln for ln in w.lines
     )
-    assert w.engine.calls[0] == f"local_image {w.cluster.running_image}"
+    # Checked in the recorded image while the cluster was read, then again in what the
+    # cluster runs, whose verdict stands.
+    assert w.engine.calls == [
+        f"local_image {rec_image(w, 1)}",
+        "parse",
+        f"local_image {w.cluster.running_image}",
+        "parse",
+    ]
     rec = out.record
     assert (rec.image, rec.tag, rec.digest) == (
         "registry.test/airflow/prod",
@@ -183,3 +200,79 @@ async def test_without_workloads_a_dag_source_git_deployment_may_roll_back_its_d
     out = await w.pipeline.run(request, w.lines.append)
     assert (out.exit_code, out.record.kind) == (0, "dags"), w.lines
     assert branch(w) == one.commit
+
+
+class FakeAirflow:
+    """steps/live's AirflowAPI, answering from a script: each call the next state."""
+
+    answers: list[BundleState] = []
+    closed = 0
+
+    def __init__(self, url: str, bundle: str, **_credentials: object) -> None:
+        self.bundle = bundle
+
+    async def bundle_state(self) -> BundleState:
+        return (
+            FakeAirflow.answers.pop(0) if len(FakeAirflow.answers) > 1 else FakeAirflow.answers[0]
+        )
+
+    async def close(self) -> None:
+        FakeAirflow.closed += 1
+
+
+def airflow_world(tmp_path: Path) -> World:
+    (tmp_path / "pw").write_text("s3cret\n")
+    return World(
+        tmp_path,
+        dag_source="git",
+        airflow_api_url="http://airflow.test:8080",
+        airflow_username="deployd",
+        airflow_password_file=str(tmp_path / "pw"),
+    )
+
+
+async def test_live_waits_for_airflow_then_reports_the_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live, "AirflowAPI", FakeAirflow)
+    monkeypatch.setattr(live, "POLL_SECONDS", 0.01)
+    w = airflow_world(tmp_path)
+    one = await first(w)
+    sha = commit(w, {"dags/example_dag.py": GOOD_DAG.format(dag_id="example") + "# v2\n"})
+    old = BundleState("prod", (BundleDag("example_dag", "example_dag.py", one.commit, 1.0),))
+    new = BundleState("prod", (BundleDag("example_dag", "example_dag.py", sha, 2.0),))
+    FakeAirflow.answers = [old, old, new]
+    out = await w.run()
+    assert (out.exit_code, out.record.state, out.record.kind) == (0, "succeeded", "dags"), w.lines
+    step = next(s for s in out.record.steps if s.name == "live")
+    assert step.summary is not None
+    assert step.summary.startswith("live in Airflow after ")
+    assert step.summary.endswith(f"(bundle prod at {sha[:7]}, 0 import errors)")
+    assert branch(w) == sha and FakeAirflow.closed >= 1
+
+
+async def test_an_import_error_only_airflow_sees_moves_the_branch_back_from_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live, "AirflowAPI", FakeAirflow)
+    monkeypatch.setattr(live, "POLL_SECONDS", 0.01)
+    w = airflow_world(tmp_path)
+    one = await first(w)
+    commit(w, {"dags/example_dag.py": GOOD_DAG.format(dag_id="example") + "import helpers\n"})
+    failing = ImportFailure(
+        "example_dag.py", "ModuleNotFoundError: No module named 'helpers'", "tb", 2e9
+    )
+    FakeAirflow.answers = [
+        BundleState(
+            "prod",
+            (BundleDag("example_dag", "example_dag.py", one.commit, 1.0),),
+            import_errors=(failing,),
+        )
+    ]
+    out = await w.run()  # a CLI deploy: its repository is the user's checkout
+    rec = out.record
+    assert (out.exit_code, rec.state, rec.step) == (3, "rolled_back", "live"), w.lines
+    assert rec.error is not None and rec.error.startswith(
+        "Airflow could not import example_dag.py: ModuleNotFoundError"
+    )
+    assert branch(w) == one.commit  # the server repository's branch, not the checkout's

@@ -5,7 +5,8 @@ gone); the test's own kubectl goes straight to it. A short outage: the wait goes
 fresh read once the API answers, and the deploy succeeds. An outage longer than the
 rollout timeout: the rollout fails, and the rollback is tried again until the API is back,
 so the cluster runs what ran before and the deploy is `rolled_back` (not `failed` with the
-new image left running).
+new image left running). An outage past the rollback's retries too: the deploy is `failed`,
+and the daemon finishes the rollback by itself once the API answers again.
 """
 
 from __future__ import annotations
@@ -111,4 +112,37 @@ def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
     assert "cannot read it" in str(rec["error"]), rec["error"]
     assert w.template("push") == good
     assert good != running
+    w.kubectl("rollout", "status", "deployment/push-scheduler", "-n", "airflow", "--timeout=60s")
+
+    # 3. An outage past the rollback's own retries too: the deploy ends `failed`, saying the
+    # rollback did not finish; once the API answers again the daemon finishes it by itself
+    # (its loop; no deploy needs to come along), and the record says so.
+    (w.local / "dags" / "changed.py").write_text("# during an even longer API outage\n")
+    commit_all(w.local, "Rolled while the API stays away past the rollback")
+    push = w.start_push()
+    rolling = w.wait_deploy("push", rolling["id"], step="roll", while_alive=push)
+    while not any("patched 1 of 1" in ln for ln in log_of(w, rolling["id"])):
+        assert push.poll() is None, push.communicate()
+        time.sleep(0.02)
+    api.refuse()
+    _, err = push.communicate(timeout=TIMEOUT * 2 + 120)
+    rec = w.deploy(rolling["id"])
+    print(f"after the longest outage: {rec['state']}: {rec['error']}")
+    assert push.returncode != 0, err
+    assert rec["state"] == "failed", rec
+    assert "the rollback did not finish either" in str(rec["error"])
+    assert "deployd tries again until the cluster answers" in str(rec["error"])
+    assert w.template("push")[0] == str(rolling["id"])  # the failed image still runs
+    api.accept()
+    t0 = time.monotonic()
+    while w.template("push") != good:
+        assert time.monotonic() - t0 < 60, log_of(w, rolling["id"])
+        time.sleep(0.5)
+    print(f"the rollback finished {time.monotonic() - t0:.1f} s after the API came back")
+    rec = w.deploy(rolling["id"])
+    assert rec["state"] == "failed"  # what happened to it; its error says how it ended
+    assert "Later the rollback finished: deployment/push-scheduler rolled back to what ran" in str(
+        rec["error"]
+    )
+    assert any("-----> later: the rollback finished" in ln for ln in log_of(w, rolling["id"]))
     w.kubectl("rollout", "status", "deployment/push-scheduler", "-n", "airflow", "--timeout=60s")

@@ -48,6 +48,9 @@ async def test_a_pushed_dag_change_is_accepted_then_relayed_to_its_end(world: SS
     first = await git_as(w, "alice", "push", "astro", "main", cwd=w.project)
     assert first.returncode == 0, first.stderr
     assert "an image deploy: the first deploy of prod builds its image" in first.stderr
+    one = w.records.get(1)
+    assert one is not None
+    w.cluster.running_image = one.image_ref  # what the rollout left running
     (w.project / "dags" / "example_dag.py").write_text(GOOD_DAG.format(dag_id="example_v2"))
     sha = commit_all(w.project, "a DAG change")
     w.engine.calls.clear()
