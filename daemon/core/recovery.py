@@ -168,9 +168,7 @@ async def finish_rollbacks(services: Services, deployment: str) -> list[str]:
     return done
 
 
-def unfinished_rollbacks(
-    records: Records, deployment: str | None = None
-) -> list[tuple[int, str]]:
+def unfinished_rollbacks(records: Records, deployment: str | None = None) -> list[tuple[int, str]]:
     """(id, deployment) of the deploys (of `deployment`, or of all) whose rollback gave up
     and is not finished."""
     from daemon.steps import roll
