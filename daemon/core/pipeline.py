@@ -131,10 +131,10 @@ class Pipeline:
             )
             raise
         finally:
-            self._tell("finished", deploy_id)
+            await self._tell("finished", deploy_id)
 
-    def _tell(self, event: str, deploy_id: int) -> None:
-        record = self.services.records.get(deploy_id)
+    async def _tell(self, event: str, deploy_id: int) -> None:
+        record = await asyncio.to_thread(self.services.records.get, deploy_id)
         if record is None or (event == "finished" and not record.final):
             return
         for observer in self.observers:
@@ -143,8 +143,9 @@ class Pipeline:
             except Exception:
                 log.exception("observer of deploy #%s failed", deploy_id)
 
-    def _record(self, deploy_id: int) -> Deploy:
-        record = self.services.records.get(deploy_id)
+    async def _record(self, deploy_id: int) -> Deploy:
+        """The deploy's record, read off the event loop."""
+        record = await asyncio.to_thread(self.services.records.get, deploy_id)
         assert record is not None
         return record
 
@@ -166,7 +167,7 @@ class Pipeline:
             self._close_log(dlog)
             raise
         if not got:
-            record = self._record(deploy_id)
+            record = await self._record(deploy_id)
             if record.state == deploys.QUEUED:
                 dlog.write("       deployd is stopping; this deploy runs when it starts again")
             else:
@@ -291,7 +292,7 @@ class Pipeline:
         )
         target = ctx.request.rollback_to
         source = ctx.request.promote_from
-        ctx.previous = records.last_succeeded(dep.name)
+        ctx.previous = await asyncio.to_thread(records.last_succeeded, dep.name)
         ctx.kind, why = await dags.decide(ctx)
         if why:
             ctx.say(f"-----> {'a DAG' if ctx.kind == deploys.DAGS else 'an image'} deploy: {why}")
@@ -308,12 +309,12 @@ class Pipeline:
         if not await ctx.record(
             records.transition, ctx.id, deploys.QUEUED, deploys.RUNNING, pid=os.getpid()
         ):
-            record = self._record(ctx.id)
+            record = await self._record(ctx.id)
             if record.final:  # superseded at the last moment
                 ctx.say(f"-----> {record.state}: {record.error}")
                 return DeployOutcome(record, 1)
             raise DeploydError(f"deploy #{ctx.id} was changed by someone else while queued.")
-        self._tell("running", ctx.id)
+        await self._tell("running", ctx.id)
         started = time.monotonic()
         task = asyncio.current_task()
         assert task is not None
@@ -329,7 +330,7 @@ class Pipeline:
             await self._stopped(ctx)
             if asked:
                 await self._finish(ctx, deploys.CANCELLED, cancel.message(ctx), ctx.step or None)
-                return DeployOutcome(self._record(ctx.id), 1)
+                return DeployOutcome(await self._record(ctx.id), 1)
             if self.lifecycle is Lifecycle.INTERRUPTING:
                 # The step column keeps the step it was in.
                 await self._finish(
@@ -343,13 +344,13 @@ class Pipeline:
             if not isinstance(exc.cause, DeploydError):
                 log.error("deploy #%s failed with an internal error", ctx.id, exc_info=exc.cause)
             await self._finish(ctx, exc.final_state, exc.message, exc.step)
-            return DeployOutcome(self._record(ctx.id), exc.exit_code)
+            return DeployOutcome(await self._record(ctx.id), exc.exit_code)
         except Exception as exc:  # between steps: a bug, recorded as one
             await self._stopped(ctx)
             log.exception("deploy #%s failed with an internal error", ctx.id)
             error = f"internal error: {type(exc).__name__}: {exc}"
             await self._finish(ctx, deploys.FAILED, error, None)
-            return DeployOutcome(self._record(ctx.id), 1)
+            return DeployOutcome(await self._record(ctx.id), 1)
         took = time.monotonic() - started
         if ctx.kind == deploys.DAGS:
             ctx.say(
@@ -370,7 +371,7 @@ class Pipeline:
             or (ctx.request.action == deploys.ROLLBACK and dep.dag_source == "git")
         ):
             await self._move_branch(ctx)
-        return DeployOutcome(self._record(ctx.id), 0)
+        return DeployOutcome(await self._record(ctx.id), 0)
 
     async def _before_start(self, ctx: DeployContext, lock: DeploymentLock) -> DeployOutcome | None:
         """With the lock held: recover dead deploys; the outcome if this one may not run."""
@@ -386,14 +387,16 @@ class Pipeline:
             for done in await finish_rollbacks(self.services, dep.name):
                 ctx.say(f"       {done}")
         if ctx.request.policy.superseded_by_newer:
-            newer = records.newer_queued(dep.name, ctx.id, ctx.request.trigger)
+            newer = await asyncio.to_thread(
+                records.newer_queued, dep.name, ctx.id, ctx.request.trigger
+            )
             if newer is not None:
                 why = f"superseded by deploy #{newer}, a newer push waiting for its turn"
                 ctx.say(f"-----> {why}")
                 await ctx.record(
                     records.transition, ctx.id, deploys.QUEUED, deploys.SUPERSEDED, error=why
                 )
-                return DeployOutcome(self._record(ctx.id), 1)
+                return DeployOutcome(await self._record(ctx.id), 1)
         if ctx.request.policy.frozen is Frozen.REFUSED and not ctx.request.options.override_freeze:
             freeze = await self._freeze(ctx.request)
             if freeze is not None:
@@ -402,14 +405,14 @@ class Pipeline:
                 await ctx.record(
                     records.transition, ctx.id, deploys.QUEUED, deploys.CANCELLED, error=why
                 )
-                return DeployOutcome(self._record(ctx.id), EXIT_USAGE)
+                return DeployOutcome(await self._record(ctx.id), EXIT_USAGE)
         moved = await asyncio.to_thread(self._ref_moved, ctx)
         if moved:
             ctx.say(f"-----> refused: {moved}")
             await ctx.record(
                 records.transition, ctx.id, deploys.QUEUED, deploys.CANCELLED, error=moved
             )
-            return DeployOutcome(self._record(ctx.id), 1)
+            return DeployOutcome(await self._record(ctx.id), 1)
         return None
 
     async def _move_branch(self, ctx: DeployContext) -> None:
