@@ -37,4 +37,13 @@ echo "-----> mypy --strict daemon/" >&2
 .venv/bin/mypy
 echo "-----> pytest" >&2
 # The slowest tests are listed at the end: where to look when the suite grows slow.
-.venv/bin/pytest -q -p no:cacheprovider --durations=30 "$@"
+if [ "$#" -gt 0 ]; then
+    .venv/bin/pytest -q -p no:cacheprovider --durations=30 "$@"
+    exit
+fi
+# Most tests wait on Docker, git and subprocesses: two workers (each test file on one, so
+# a module's shared fixtures start once). Then the `serial` ones alone (tests/conftest.py
+# SERIAL: they stop the Engine, or bound times a busy neighbour would stretch).
+.venv/bin/pytest -q -p no:cacheprovider --durations=30 -n 2 --dist loadfile -m "not serial"
+echo "-----> pytest (serial)" >&2
+.venv/bin/pytest -q -p no:cacheprovider --durations=15 -m serial

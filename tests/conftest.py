@@ -14,6 +14,34 @@ import pytest
 
 from tests.support.testenv import ENV_FILE, Deployd, Infra, read_infra, write_config
 
+# Run alone, after the rest of the suite (which scripts/test.sh runs on two workers): these
+# stop the shared Docker Engine (faults), or bound a time (an acknowledgement, a stop, a
+# page load) that a neighbour busy building images would stretch on a 2-CPU machine.
+SERIAL = (
+    "tests/faults/",
+    "tests/core/test_cancel_e2e.py",
+    "tests/core/test_cancel.py",
+    "tests/core/test_crash.py",
+    "tests/core/test_logs.py",
+    "tests/core/test_release.py",
+    "tests/adapters/test_records.py",
+    "tests/adapters/test_locks.py",
+    "tests/notify/test_outbox.py",
+    "tests/http/test_webhook_server.py",
+    "tests/http/test_release_server.py",
+    "tests/web/test_browser.py",
+    "tests/web/test_pages.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the SERIAL files' tests `serial` (scripts/test.sh runs them alone)."""
+    root = Path(str(config.rootpath))
+    for item in items:
+        where = Path(str(item.path)).relative_to(root).as_posix()
+        if where.startswith(SERIAL):
+            item.add_marker(pytest.mark.serial)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def kubectl_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
