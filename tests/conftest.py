@@ -16,7 +16,9 @@ from tests.support.testenv import ENV_FILE, Deployd, Infra, read_infra, write_co
 
 # Run alone, after the rest of the suite (which scripts/test.sh runs on two workers): these
 # stop the shared Docker Engine (faults), or bound a time (an acknowledgement, a stop, a
-# page load) that a neighbour busy building images would stretch on a 2-CPU machine.
+# page load) that a neighbour busy building images would stretch on a 2-CPU machine. The
+# OpenAPI conformance test too: under xdist schemathesis runs its operations as one item,
+# not one item per operation.
 SERIAL = (
     "tests/faults/",
     "tests/core/test_cancel_e2e.py",
@@ -28,6 +30,7 @@ SERIAL = (
     "tests/adapters/test_locks.py",
     "tests/notify/test_outbox.py",
     "tests/http/test_webhook_server.py",
+    "tests/http/test_openapi_conformance.py",
     "tests/http/test_release_server.py",
     "tests/web/test_browser.py",
     "tests/web/test_pages.py",

@@ -231,11 +231,16 @@ def airflow_world(tmp_path: Path) -> World:
     )
 
 
-async def test_live_waits_for_airflow_then_reports_the_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def fake_airflow(monkeypatch: pytest.MonkeyPatch) -> type[FakeAirflow]:
     monkeypatch.setattr(live, "AirflowAPI", FakeAirflow)
     monkeypatch.setattr(live, "POLL_SECONDS", 0.01)
+    return FakeAirflow
+
+
+async def test_live_waits_for_airflow_then_reports_the_time(
+    tmp_path: Path, fake_airflow: type[FakeAirflow]
+) -> None:
     w = airflow_world(tmp_path)
     one = await first(w)
     sha = commit(w, {"dags/example_dag.py": GOOD_DAG.format(dag_id="example") + "# v2\n"})
@@ -252,10 +257,8 @@ async def test_live_waits_for_airflow_then_reports_the_time(
 
 
 async def test_an_import_error_only_airflow_sees_moves_the_branch_back_from_the_cli(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake_airflow: type[FakeAirflow]
 ) -> None:
-    monkeypatch.setattr(live, "AirflowAPI", FakeAirflow)
-    monkeypatch.setattr(live, "POLL_SECONDS", 0.01)
     w = airflow_world(tmp_path)
     one = await first(w)
     commit(w, {"dags/example_dag.py": GOOD_DAG.format(dag_id="example") + "import helpers\n"})

@@ -11,9 +11,11 @@ and the daemon finishes the rollback by itself once the API answers again.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,6 +57,20 @@ def log_of(w: World, deploy_id: object) -> list[str]:
     return [str(r["line"]) for r in rows]
 
 
+def push_until_patched(
+    w: World, text: str, message: str, *, after: int
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """Push a commit changing a DAG file and return once its roll has patched the workload."""
+    (w.local / "dags" / "changed.py").write_text(text)
+    commit_all(w.local, message)
+    push = w.start_push()
+    rolling = w.wait_deploy("push", after, step="roll", while_alive=push)
+    while not any("patched 1 of 1" in ln for ln in log_of(w, rolling["id"])):
+        assert push.poll() is None, push.communicate()
+        time.sleep(0.02)
+    return push, rolling
+
+
 def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
     w, api = world
     assert w.rows("SELECT 1")  # the records are there
@@ -67,13 +83,9 @@ def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
 
     # 1. A short outage in the middle of a slow rollout: the wait resumes; it succeeds.
     set_rollout(w, "push", "slow", 6)  # about 0.4 s a replica step
-    (w.local / "dags" / "changed.py").write_text("# during an API outage\n")
-    commit_all(w.local, "Rolled while the API goes away")
-    push = w.start_push()
-    rolling = w.wait_deploy("push", first["id"], step="roll", while_alive=push)
-    while not any("patched 1 of 1" in ln for ln in log_of(w, rolling["id"])):
-        assert push.poll() is None, push.communicate()
-        time.sleep(0.02)
+    push, rolling = push_until_patched(
+        w, "# during an API outage\n", "Rolled while the API goes away", after=first["id"]
+    )
     api.refuse()
     time.sleep(2.5)
     api.accept()
@@ -89,13 +101,9 @@ def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
     # 2. An outage past the rollout timeout: the rollout fails, the rollback waits for the
     # API and then puts back what ran: `rolled_back`, and the cluster runs the last deploy.
     good = w.template("push")
-    (w.local / "dags" / "changed.py").write_text("# during a long API outage\n")
-    commit_all(w.local, "Rolled while the API stays away")
-    push = w.start_push()
-    rolling = w.wait_deploy("push", rolling["id"], step="roll", while_alive=push)
-    while not any("patched 1 of 1" in ln for ln in log_of(w, rolling["id"])):
-        assert push.poll() is None, push.communicate()
-        time.sleep(0.02)
+    push, rolling = push_until_patched(
+        w, "# during a long API outage\n", "Rolled while the API stays away", after=rolling["id"]
+    )
     api.refuse()
     t0 = time.monotonic()
     while not any("trying again" in ln for ln in log_of(w, rolling["id"])):
@@ -117,13 +125,12 @@ def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
     # 3. An outage past the rollback's own retries too: the deploy ends `failed`, saying the
     # rollback did not finish; once the API answers again the daemon finishes it by itself
     # (its loop; no deploy needs to come along), and the record says so.
-    (w.local / "dags" / "changed.py").write_text("# during an even longer API outage\n")
-    commit_all(w.local, "Rolled while the API stays away past the rollback")
-    push = w.start_push()
-    rolling = w.wait_deploy("push", rolling["id"], step="roll", while_alive=push)
-    while not any("patched 1 of 1" in ln for ln in log_of(w, rolling["id"])):
-        assert push.poll() is None, push.communicate()
-        time.sleep(0.02)
+    push, rolling = push_until_patched(
+        w,
+        "# during an even longer API outage\n",
+        "Rolled while the API stays away past the rollback",
+        after=rolling["id"],
+    )
     api.refuse()
     _, err = push.communicate(timeout=TIMEOUT * 2 + 120)
     rec = w.deploy(rolling["id"])

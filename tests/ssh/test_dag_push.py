@@ -13,33 +13,15 @@ from pathlib import Path
 import pytest
 
 from daemon.adapters import repos
-from daemon.ssh import server
-from daemon.ssh.hookline import HookServer
-from daemon.ssh.receive import Receiver
 from tests.ssh.test_read_keys import git_as, url
 from tests.support.projects import GOOD_DAG, commit_all, git
-from tests.support.sshworld import SSHWorld
+from tests.support.sshworld import SSHWorld, serving
 
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[SSHWorld]:
-    w = SSHWorld(tmp_path, dag_source="git")
-    host_key = w.state_dir / "ssh_host_ed25519_key"
-    server.ensure_host_key(host_key)
-    acceptor = await server.start(w.state, "127.0.0.1", 0, host_key)
-    w.port = acceptor.get_port()
-    hooks = HookServer(w.state.hook_socket, Receiver(w.state, w.pipeline))
-    await hooks.start()
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    for name, key in w.keys.items():
-        key.write_private_key(str(keys / name))
-        (keys / name).chmod(0o600)
-    yield w
-    await hooks.close()
-    acceptor.close()
-    await acceptor.wait_closed()
-    w.close()
+    async with serving(SSHWorld(tmp_path, dag_source="git"), hooks=True) as w:
+        yield w
 
 
 async def test_a_pushed_dag_change_is_accepted_then_relayed_to_its_end(world: SSHWorld) -> None:

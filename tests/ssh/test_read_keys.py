@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from daemon.core import usecases
-from daemon.ssh import server
 from tests.support.projects import commit_all, git
 from tests.support.sshserver import SSH_OPTS
-from tests.support.sshworld import SSHWorld
+from tests.support.sshworld import SSHWorld, serving
 
 READ_ONLY = "deployd: key airflow is read-only: it may fetch and read, not change deployment {}."
 
@@ -35,20 +34,8 @@ class Ran:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[SSHWorld]:
-    w = SSHWorld(tmp_path)
-    host_key = w.state_dir / "ssh_host_ed25519_key"
-    server.ensure_host_key(host_key)
-    acceptor = await server.start(w.state, "127.0.0.1", 0, host_key)
-    w.port = acceptor.get_port()
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    for name, key in w.keys.items():
-        key.write_private_key(str(keys / name))
-        (keys / name).chmod(0o600)
-    yield w
-    acceptor.close()
-    await acceptor.wait_closed()
-    w.close()
+    async with serving(SSHWorld(tmp_path)) as w:
+        yield w
 
 
 def ssh_command(w: SSHWorld, key: str) -> list[str]:

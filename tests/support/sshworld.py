@@ -8,6 +8,8 @@ Keys: alice may use prod, bob staging, root is admin, airflow may only read prod
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncssh
@@ -116,3 +118,32 @@ class SSHWorld:
 
     def close(self) -> None:
         self.records.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(w: SSHWorld, *, hooks: bool = False) -> AsyncIterator[SSHWorld]:
+    """The world's SSH server on 127.0.0.1 port 0 (w.port), its keys written to
+    w.root/keys for OpenSSH; with `hooks`, the hook socket too, so that pushes deploy."""
+    from daemon.ssh import server
+    from daemon.ssh.hookline import HookServer
+    from daemon.ssh.receive import Receiver
+
+    host_key = w.state_dir / "ssh_host_ed25519_key"
+    server.ensure_host_key(host_key)
+    acceptor = await server.start(w.state, "127.0.0.1", 0, host_key)
+    w.port = acceptor.get_port()
+    hook_server = HookServer(w.state.hook_socket, Receiver(w.state, w.pipeline))
+    if hooks:
+        await hook_server.start()
+    keys = w.root / "keys"
+    keys.mkdir()
+    for name, key in w.keys.items():
+        key.write_private_key(str(keys / name))
+        (keys / name).chmod(0o600)
+    try:
+        yield w
+    finally:
+        await hook_server.close()
+        acceptor.close()
+        await acceptor.wait_closed()
+        w.close()
