@@ -44,6 +44,10 @@ fi
 # Most tests wait on Docker, git and subprocesses: two workers (each test file on one, so
 # a module's shared fixtures start once). Then the `serial` ones alone (tests/conftest.py
 # SERIAL: they stop the Engine, or bound times a busy neighbour would stretch).
-.venv/bin/pytest -q -p no:cacheprovider --durations=30 -n 2 --dist loadfile -m "not serial"
+# Both phases run even if the first fails: CI shows every failure at once.
+parallel=0
+.venv/bin/pytest -q -p no:cacheprovider --durations=30 -n 2 --dist loadfile -m "not serial" \
+    || parallel=$?
 echo "-----> pytest (serial)" >&2
 .venv/bin/pytest -q -p no:cacheprovider --durations=15 -m serial
+exit "$parallel"

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from daemon.core.ports import instance
 from tests.support.projects import GOOD_DAG, commit_all, make_project, ten_dag_project
 from tests.support.testenv import Deployd, Infra
 
@@ -44,13 +45,11 @@ def repo_for(testenv: Infra, name: str) -> str:
     return f"{testenv.registry}/airflow/{name}"
 
 
-def leftovers(docker_api: Any, deploy_id: int) -> list[str]:
-    return [
-        c["Id"]
-        for c in docker_api.containers(
-            all=True, filters={"label": f"deployd.deploy-id={deploy_id}"}
-        )
-    ]
+def leftovers(docker_api: Any, state_dir: Path, deploy_id: int) -> list[str]:
+    """Containers of this deployd's deploy `deploy_id`: other tests' deployds share the
+    Engine (and their own deploy #1) while the suite runs on two workers."""
+    mine = [f"deployd.instance={instance(state_dir)}", f"deployd.deploy-id={deploy_id}"]
+    return [c["Id"] for c in docker_api.containers(all=True, filters={"label": mine})]
 
 
 def test_deploy_of_a_real_airflow_project(
@@ -97,7 +96,7 @@ def test_deploy_of_a_real_airflow_project(
     assert labels["deployd.deploy-id"] == str(rec["id"])
     assert labels["deployd.deployment"] == "e2e"
     # Nothing left behind.
-    assert leftovers(docker_api, rec["id"]) == []
+    assert leftovers(docker_api, d.state_dir, rec["id"]) == []
     assert not any((d.state_dir / "work" / "e2e").iterdir())
     # The listing and the log show it.
     listing = d.run("deploys", "e2e")
@@ -186,7 +185,7 @@ def test_failing_dockerfile_names_the_instruction(
     assert "Step 3/" in rec["error"] and "RUN echo step two output && exit 3" in rec["error"]
     assert "returned a non-zero code: 3" in rec["error"]
     assert "step two output" in proc.stderr
-    assert leftovers(docker_api, rec["id"]) == []
+    assert leftovers(docker_api, d.state_dir, rec["id"]) == []
 
 
 BAD_DAGS = {
@@ -248,7 +247,7 @@ def test_dag_import_errors_block_and_are_named(
     assert "failed to import" in rec["error"]
     # 50 MB of output never reached the log.
     assert len(proc.stderr) < 200_000
-    assert leftovers(docker_api, rec["id"]) == []
+    assert leftovers(docker_api, d.state_dir, rec["id"]) == []
     assert testenv.manifest_digest(image, f"deploy-x-{rec['id']}") is None
 
     # force: still shown and recorded, but deployed.
@@ -445,7 +444,7 @@ def test_whole_check_is_cut_off_at_check_timeout(
     assert proc.returncode == 1
     assert rec is not None and rec["step"] == "parse"
     assert "did not finish within 6 s (check_timeout_seconds)" in rec["error"]
-    assert leftovers(docker_api, rec["id"]) == []
+    assert leftovers(docker_api, d.state_dir, rec["id"]) == []
 
 
 def test_logs_follow_streams_until_the_deploy_ends(
