@@ -158,7 +158,7 @@ async def finish_rollbacks(services: Services, deployment: str) -> list[str]:
             line = f"-----> later: the rollback finished: {what}"
             await asyncio.to_thread(records.append_log, deploy_id, "roll", [line])
             await asyncio.to_thread(records.put_artifact, deploy_id, roll.FINISHED, what)
-            rec = records.get(deploy_id)
+            rec = await asyncio.to_thread(records.get, deploy_id)
             error = f"{rec.error if rec else ''} Later the rollback finished: {what}."
             await asyncio.to_thread(records.update, deploy_id, error=error.strip())
             log.warning("deploy #%s of %s: the rollback finished: %s", deploy_id, deployment, what)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,31 @@ def test_a_check_printing_40_mb_without_a_newline_is_read_whole_and_in_time(
     # Every line arrived (a quadratic reader was still busy when the container ended).
     assert lines[-1] == "done" and len(lines) == 2, [line[:80] for line in lines]
     assert lines[0].endswith("more bytes of this line not kept]")
+
+
+def test_an_image_pruned_from_the_engine_is_pulled_back_by_digest(
+    tmp_path: Path, testenv: Infra, docker_api: Any
+) -> None:
+    # A DAG deploy checks in the image that runs, which keep_images may have pruned locally.
+    registry = RegistrySettings(testenv.registry, testenv.registry_user, testenv.registry_password)
+    images = Images(DockerSettings(testenv.docker_host), registry)
+    repository = f"{testenv.registry}/airflow/local-image-{uuid.uuid4().hex[:8]}"
+    source = docker_api.inspect_image(testenv.busybox_image)["Id"]
+    images.tag(source, repository, "one")
+    digest = images.push(repository, "one", lambda _line: None)
+    try:
+        here, found = images.local_image(f"{repository}@{digest}", lambda _line: None)
+        assert (here, found) == (source, digest)
+        docker_api.remove_image(f"{repository}:one")
+        assert not any(
+            d.startswith(repository + "@") for d in docker_api.inspect_image(source)["RepoDigests"]
+        )
+        lines: list[str] = []
+        pulled, found = images.local_image(f"{repository}:one@{digest}", lines.append)
+        assert found == digest and pulled == source
+        assert lines == [
+            f"       pulling {repository}@{digest}: this Docker Engine no longer has it"
+        ]
+    finally:
+        with contextlib.suppress(Exception):
+            docker_api.remove_image(f"{repository}@{digest}")

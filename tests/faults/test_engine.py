@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.world import World, make_world
+from tests.faults.world import World, make_world, started
 from tests.support.projects import commit_all, git
 from tests.support.testenv import ROOT, Infra
 
@@ -41,18 +41,9 @@ def engine(action: str) -> None:
 
 @pytest.fixture
 def world(tmp_path: Path, testenv: Infra) -> Iterator[World]:
-    w = make_world(tmp_path / "w", testenv)
-    try:
-        w.start()
+    # Whatever happened, the Engine runs for the next test.
+    with started(make_world(tmp_path / "w", testenv), lambda: engine("start")) as w:
         yield w
-    finally:
-        engine("start")  # whatever happened, the Engine runs for the next test
-        w.stop()
-
-
-def log_of(w: World, deploy_id: object) -> list[str]:
-    rows = w.rows("SELECT line FROM log WHERE deploy_id = ? ORDER BY id", (deploy_id,))
-    return [str(r["line"]) for r in rows]
 
 
 def branch(w: World) -> str:
@@ -79,7 +70,7 @@ def test_the_engine_restarted_mid_build_then_stopped(world: World) -> None:
     push = w.start_push()
     deadline = time.monotonic() + 240
     building = None
-    while building is None or not any("tick-3" in ln for ln in log_of(w, building["id"])):
+    while building is None or not any("tick-3" in ln for ln in w.log_of(building["id"])):
         assert push.poll() is None, push.communicate()
         assert time.monotonic() < deadline, building
         building = w.newest("push")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.world import World, make_world, set_rollout
+from tests.faults.world import World, make_world, set_rollout, started
 from tests.support.projects import commit_all
 from tests.support.tcpproxy import TcpProxy
 from tests.support.testenv import Infra
@@ -43,18 +43,13 @@ def world(tmp_path: Path, testenv: Infra) -> Iterator[tuple[World, TcpProxy]]:
     first = text.index("rollout_timeout_seconds = 120")
     text = text[:first] + f"rollout_timeout_seconds = {TIMEOUT}" + text[first + 29 :]
     config.write_text(text)
-    try:
-        w.start()
-        yield w, api
-    finally:
+
+    def heal() -> None:
         api.accept()
         api.stop()
-        w.stop()
 
-
-def log_of(w: World, deploy_id: object) -> list[str]:
-    rows = w.rows("SELECT line FROM log WHERE deploy_id = ? ORDER BY id", (deploy_id,))
-    return [str(r["line"]) for r in rows]
+    with started(w, heal):
+        yield w, api
 
 
 def push_until_patched(
@@ -65,7 +60,7 @@ def push_until_patched(
     commit_all(w.local, message)
     push = w.start_push()
     rolling = w.wait_deploy("push", after, step="roll", while_alive=push)
-    while not any("patched 1 of 1" in ln for ln in log_of(w, rolling["id"])):
+    while not any("patched 1 of 1" in ln for ln in w.log_of(rolling["id"])):
         assert push.poll() is None, push.communicate()
         time.sleep(0.02)
     return push, rolling
@@ -90,7 +85,7 @@ def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
     time.sleep(2.5)
     api.accept()
     _, err = push.communicate(timeout=300)
-    lines = log_of(w, rolling["id"])
+    lines = w.log_of(rolling["id"])
     print("\n" + "\n".join(ln for ln in lines if "cannot" in ln or "rolled out" in ln))
     assert push.returncode == 0, err
     assert w.deploy(rolling["id"])["state"] == "succeeded"
@@ -106,9 +101,9 @@ def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
     )
     api.refuse()
     t0 = time.monotonic()
-    while not any("trying again" in ln for ln in log_of(w, rolling["id"])):
+    while not any("trying again" in ln for ln in w.log_of(rolling["id"])):
         assert push.poll() is None, push.communicate()
-        assert time.monotonic() - t0 < TIMEOUT + 60, log_of(w, rolling["id"])
+        assert time.monotonic() - t0 < TIMEOUT + 60, w.log_of(rolling["id"])
         time.sleep(0.1)
     print(f"rollback waiting for the API after {time.monotonic() - t0:.1f} s")
     api.accept()
@@ -116,7 +111,7 @@ def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
     rec = w.deploy(rolling["id"])
     print(f"after the long outage: {rec['state']}: {rec['error']}")
     assert push.returncode != 0, err
-    assert rec["state"] == "rolled_back", (rec, log_of(w, rolling["id"]))
+    assert rec["state"] == "rolled_back", (rec, w.log_of(rolling["id"]))
     assert "cannot read it" in str(rec["error"]), rec["error"]
     assert w.template("push") == good
     assert good != running
@@ -143,7 +138,7 @@ def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
     api.accept()
     t0 = time.monotonic()
     while w.template("push") != good:
-        assert time.monotonic() - t0 < 60, log_of(w, rolling["id"])
+        assert time.monotonic() - t0 < 60, w.log_of(rolling["id"])
         time.sleep(0.5)
     print(f"the rollback finished {time.monotonic() - t0:.1f} s after the API came back")
     rec = w.deploy(rolling["id"])
@@ -151,5 +146,5 @@ def test_api_away_mid_rollout(world: tuple[World, TcpProxy]) -> None:
     assert "Later the rollback finished: deployment/push-scheduler rolled back to what ran" in str(
         rec["error"]
     )
-    assert any("-----> later: the rollback finished" in ln for ln in log_of(w, rolling["id"]))
+    assert any("-----> later: the rollback finished" in ln for ln in w.log_of(rolling["id"]))
     w.kubectl("rollout", "status", "deployment/push-scheduler", "-n", "airflow", "--timeout=60s")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.world import World, make_world
+from tests.faults.world import World, make_world, started
 from tests.support.projects import commit_all, git
+from tests.support.tcpproxy import TcpProxy
 from tests.support.testenv import Infra
 
 pytestmark = pytest.mark.integration
@@ -28,20 +29,14 @@ ATTEMPTS = 4  # daemon/adapters/images.py PUSH_ATTEMPTS
 
 @pytest.fixture
 def world(tmp_path: Path, testenv: Infra) -> Iterator[World]:
+    def heal(registry: TcpProxy) -> None:
+        registry.fail(None)
+        registry.throttle(None)
+        registry.accept()
+
     w = make_world(tmp_path / "w", testenv)
-    try:
-        w.start()
+    with started(w, lambda: heal(w.registry)):
         yield w
-    finally:
-        w.registry.fail(None)
-        w.registry.throttle(None)
-        w.registry.accept()
-        w.stop()
-
-
-def log_of(w: World, deploy_id: object) -> list[str]:
-    rows = w.rows("SELECT line FROM log WHERE deploy_id = ? ORDER BY id", (deploy_id,))
-    return [str(r["line"]) for r in rows]
 
 
 def retries(lines: list[str]) -> list[str]:
@@ -95,7 +90,7 @@ def test_registry_faults(world: World) -> None:
     assert f"127.0.0.1:{w.registry.port}" in error, error
     assert "\n" not in error
     assert error in err  # the pusher is told the same line
-    assert len(retries(log_of(w, int(str(dead["id"]))))) == ATTEMPTS - 1
+    assert len(retries(w.log_of(int(str(dead["id"]))))) == ATTEMPTS - 1
     unchanged(w, *state)
     w.registry.accept()
 

@@ -13,6 +13,7 @@ by deployment name, and other test runs may share the Engine.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -23,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,11 @@ class World:
             return [dict(r) for r in conn.execute(sql, args)]
         finally:
             conn.close()
+
+    def log_of(self, deploy_id: object) -> list[str]:
+        """A deploy's stored log lines, in order."""
+        rows = self.rows("SELECT line FROM log WHERE deploy_id = ? ORDER BY id", (deploy_id,))
+        return [str(r["line"]) for r in rows]
 
     def deploy(self, deploy_id: int) -> dict[str, Any]:
         [row] = self.rows("SELECT * FROM deploys WHERE id = ?", (deploy_id,))
@@ -294,6 +301,18 @@ class World:
         self.github.stop()
         self.sim.stop()
         self.registry.stop()
+
+
+@contextlib.contextmanager
+def started(w: World, undo: Callable[[], None] = lambda: None) -> Iterator[World]:
+    """Run `w` for a test; at the end, whatever happened, `undo` the test's faults (the
+    Engine stopped, a proxy refusing), then stop the world."""
+    try:
+        w.start()
+        yield w
+    finally:
+        undo()
+        w.stop()
 
 
 def make_world(root: Path, infra: Infra, *, state_dir: Path | None = None, **hook: object) -> World:
