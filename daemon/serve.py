@@ -45,7 +45,7 @@ from daemon.ssh import server as sshd
 from daemon.ssh.hookline import HookServer
 from daemon.ssh.receive import Receiver
 from daemon.systemd import Notifier
-from daemon.web.identity import Identity, ensure_secret
+from daemon.web.identity import SECRET_FILE, Identity, ensure_secret
 from daemon.web.pages import Dashboard
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,16 @@ class Daemon:
         )
         # Sign-in links, sessions, signed status links: one key in state_dir, made once.
         self.identity = Identity(
-            lambda: self.services.settings, self.records, ensure_secret(state_dir / "web.key")
+            lambda: self.services.settings, self.records, ensure_secret(state_dir / SECRET_FILE)
         )
         self.ssh.login = self.identity.login_url
-        self.statuses = StatusReporter(lambda: self.services.settings, self.identity.status_query)
+        self.statuses = StatusReporter(lambda: self.services.settings, self.identity.deploy_url)
         self.pipeline.observers.append(self.statuses.observe)
         self.deliverer = Deliverer(
-            lambda: self.services.settings, self.records, on_outcome=self.metrics.notification
+            lambda: self.services.settings,
+            self.records,
+            link=self.identity.deploy_url,
+            on_outcome=self.metrics.notification,
         )
         # A deploy of this process started or ended: its event is in the outbox now.
         self.pipeline.observers.append(lambda event, record: self.deliverer.wake())

@@ -31,12 +31,12 @@ MAX_WAIT = 60.0
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 
-def status_for(record: Deploy, public_url: str, link_query: str = "") -> dict[str, str]:
+def status_for(record: Deploy, link: str = "") -> dict[str, str]:
     """The commit status body for a deploy record.
 
-    Its link leads to the deploy's dashboard page, signed (`link_query`, made by
-    daemon/web/identity.py) so that whoever sees the status can open it without
-    signing in; unsigned, the page asks for a sign-in.
+    Its link (`link`, made by daemon/web/identity.py: '' without a public_url) leads to
+    the deploy's dashboard page, signed so that whoever sees the status can open it
+    without signing in; unsigned, the page asks for a sign-in.
     """
     state = record.state
     error = (record.error or "").strip()
@@ -61,9 +61,8 @@ def status_for(record: Deploy, public_url: str, link_query: str = "") -> dict[st
         "context": f"deployd/{record.deployment}",
         "description": text if len(text) <= 140 else text[:139] + "…",
     }
-    if public_url:
-        query = f"?{link_query}" if link_query else ""
-        body["target_url"] = f"{public_url}/deploys/{record.id}{query}"
+    if link:
+        body["target_url"] = link
     return body
 
 
@@ -89,11 +88,11 @@ class StatusReporter:
     """Posts commit statuses for webhook deploys of deployments with a `github_repo`."""
 
     def __init__(
-        self, settings: Callable[[], Settings], link_query: Callable[[int], str] | None = None
+        self, settings: Callable[[], Settings], link: Callable[[int], str] | None = None
     ) -> None:
         self._settings = settings
-        # A deploy id's signed link query ('' for none): Identity.status_query.
-        self._link_query = link_query or (lambda _deploy_id: "")
+        # A deploy id's page, signed ('' for none): Identity.deploy_url.
+        self._link = link or (lambda _deploy_id: "")
         self._session: aiohttp.ClientSession | None = None
         self._last: dict[int, asyncio.Task[None]] = {}
         self.pending: set[asyncio.Task[None]] = set()
@@ -108,8 +107,7 @@ class StatusReporter:
         if token is None or dep is None or dep.github_repo is None:
             return
         url = f"{settings.github.api_url}/repos/{dep.github_repo}/statuses/{record.commit}"
-        query = self._link_query(record.id) if settings.server.public_url else ""
-        body = status_for(record, settings.server.public_url, query)
+        body = status_for(record, self._link(record.id))
         previous = self._last.get(record.id)
         task = asyncio.get_running_loop().create_task(self._post(previous, url, token, body))
         self._last[record.id] = task

@@ -86,8 +86,12 @@ class Summary:
     link: str
 
 
-def render(target: NotifyTarget, event: DeployEvent, record: Deploy, public_url: str) -> Request:
-    """The request that tells `target` about `event` of the deploy `record`."""
+def render(target: NotifyTarget, event: DeployEvent, record: Deploy, link: str) -> Request:
+    """The request that tells `target` about `event` of the deploy `record`.
+
+    `link` is where a person reads the deploy: its dashboard page, signed
+    read-only like a commit status's link ('' when no public_url is configured).
+    """
     headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
@@ -96,11 +100,11 @@ def render(target: NotifyTarget, event: DeployEvent, record: Deploy, public_url:
     }
     payload: dict[str, Any]
     if target.type == "slack":
-        payload = slack(summarise(event, record, public_url))
+        payload = slack(summarise(event, record, link))
     elif target.type == "msteams":
-        payload = msteams(summarise(event, record, public_url))
+        payload = msteams(summarise(event, record, link))
     else:
-        payload = webhook_event(event, record, public_url, headers["X-Deployd-Delivery"])
+        payload = webhook_event(event, record, link, headers["X-Deployd-Delivery"])
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     if target.secret is not None:
         headers["X-Signature"] = signature(target.secret, body)
@@ -117,7 +121,7 @@ def delivery_id(target: str, event: DeployEvent) -> str:
     return str(uuid.uuid5(_DELIVERY_NS, f"{target}/{event.id}/{event.deploy_id}/{event.at!r}"))
 
 
-def summarise(event: DeployEvent, record: Deploy, public_url: str) -> Summary:
+def summarise(event: DeployEvent, record: Deploy, link: str) -> Summary:
     """The facts of a notification, in words."""
     started = event.event == states.STARTED
     noun = {deploys.ROLLBACK: "rollback", deploys.PROMOTION: "promotion"}.get(
@@ -147,14 +151,8 @@ def summarise(event: DeployEvent, record: Deploy, public_url: str) -> Summary:
         image=f"{record.image}:{record.tag}"
         if event.event == states.SUCCEEDED and record.tag
         else "",
-        link=deploy_link(public_url, record.id),
+        link=link,
     )
-
-
-def deploy_link(public_url: str, deploy_id: int) -> str:
-    """Where a person reads the deploy ('' when no public_url is configured)."""
-    # The API record for now; the dashboard's page comes in a later issue.
-    return f"{public_url.rstrip('/')}/api/deploys/{deploy_id}" if public_url else ""
 
 
 def first_line(text: str, limit: int = 300) -> str:
@@ -275,9 +273,7 @@ def msteams(s: Summary) -> dict[str, Any]:
     }
 
 
-def webhook_event(
-    event: DeployEvent, record: Deploy, public_url: str, delivery: str
-) -> dict[str, Any]:
+def webhook_event(event: DeployEvent, record: Deploy, link: str, delivery: str) -> dict[str, Any]:
     """The JSON event a generic webhook receives (fields of a later moment are null)."""
     started = event.event == states.STARTED
     final = None if started else record
@@ -311,5 +307,5 @@ def webhook_event(
         "duration_seconds": duration,
         "step": final.step if final else None,
         "error": final.error if final else None,
-        "url": deploy_link(public_url, record.id) or None,
+        "url": link or None,
     }

@@ -55,6 +55,7 @@ from daemon.config import NotifyTarget, Settings
 from daemon.core.deploys import DeployEvent
 from daemon.notify import messages, send
 from daemon.retry import backoff
+from daemon.web.identity import SECRET_FILE, SecretError, ensure_secret, page_url, signed_query
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,15 @@ class Deliverer:
         settings: Callable[[], Settings],
         records: Records,
         *,
+        link: Callable[[int], str] | None = None,
         on_outcome: Outcome = _no_outcome,
         timing: Timing | None = None,
         holder: str | None = None,
     ) -> None:
         self._settings = settings
         self.records = records
+        # A deploy id's page for people, signed read-only: Identity.deploy_url.
+        self.link = link or (lambda deploy_id: page_url(settings().server.public_url, deploy_id))
         self.on_outcome = on_outcome
         self.timing = timing or Timing()
         self.holder = holder or holder_name("serve")
@@ -134,9 +138,6 @@ class Deliverer:
     def target(self, name: str) -> NotifyTarget | None:
         """The target's configuration now (None once it left the config)."""
         return next((t for t in self._settings().notify if t.name == name), None)
-
-    def public_url(self) -> str:
-        return self._settings().server.public_url
 
     @property
     def client(self) -> aiohttp.ClientSession:
@@ -445,7 +446,7 @@ class _Worker:
         if record is None:
             log.warning("notifications to %s: no deploy #%s", self.name, event.deploy_id)
             return await self._advance(event.id)
-        request = messages.render(target, event, record, owner.public_url())
+        request = messages.render(target, event, record, owner.link(record.id))
         timeout = max(0.1, min(owner.timing.request_timeout, owner.remaining()))
         answer = await send.post(owner.client, target.url, request.body, request.headers, timeout)
         if answer.ok:
@@ -519,9 +520,30 @@ async def deliver_pending(
     seconds. Per target claimed, the wanted events still pending. Never raises."""
     if not settings.notify:
         return {}
-    deliverer = Deliverer(lambda: settings, records, timing=timing, holder=holder_name("cli"))
+    deliverer = Deliverer(
+        lambda: settings,
+        records,
+        link=functools.partial(_signed_link, settings),
+        timing=timing,
+        holder=holder_name("cli"),
+    )
     try:
         return await deliverer.deliver_pending(budget)
     except Exception:
         log.exception("notifications were not sent")
         return {}
+
+
+def _signed_link(settings: Settings, deploy_id: int) -> str:
+    """A CLI run's link to a deploy's page, signed with the daemon's key as serve signs it."""
+    server = settings.server
+    if not server.public_url:
+        return ""
+    try:
+        secret = ensure_secret(server.state_dir / SECRET_FILE)
+    except SecretError as exc:  # the page still opens after a sign-in
+        log.warning("notification links are not signed: %s", exc.message)
+        return page_url(server.public_url, deploy_id)
+    return page_url(
+        server.public_url, deploy_id, signed_query(server, secret, deploy_id, time.time())
+    )

@@ -33,7 +33,7 @@ from aiohttp import web
 
 from daemon.adapters import websessions
 from daemon.adapters.records import Records, now
-from daemon.config import Key, Settings
+from daemon.config import Key, ServerSettings, Settings
 from daemon.errors import DeploydError
 from daemon.web.viewer import VIEWER, Viewer
 
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 COOKIE = "deployd_session"
 LOGIN_SECONDS = 300
 SECRET_BYTES = 32
+SECRET_FILE = "web.key"  # noqa: S105 (a file name) in state_dir: signs sessions' CSRF tokens and status links
 MAX_FORM = 4096
 CSRF_REFUSED = "the form's CSRF token is missing or wrong; reload the page and try again."
 LINKS_OFF = "signed status links are turned off; sign in."
@@ -106,6 +107,22 @@ def _mac(secret: bytes, message: str) -> str:
 def sign(secret: bytes, deploy_id: int, expires: int) -> str:
     """The query of a signed link to one deploy: "exp=UNIX&sig=HEX"."""
     return f"exp={expires}&sig={_mac(secret, f'link:{deploy_id}:{expires}')}"
+
+
+def signed_query(server: ServerSettings, secret: bytes, deploy_id: int, at: float) -> str:
+    """The query of a read-only link to one deploy's page, valid status_link_seconds from
+    `at` ('' when [server] signed_status_links is off)."""
+    if not server.signed_status_links:
+        return ""
+    return sign(secret, deploy_id, int(at) + server.status_link_seconds)
+
+
+def page_url(public_url: str, deploy_id: int, query: str = "") -> str:
+    """The deploy's dashboard page under public_url, with a signed link's query ('' when
+    no public_url is configured: nobody outside could open it)."""
+    if not public_url:
+        return ""
+    return f"{public_url.rstrip('/')}/deploys/{deploy_id}" + (f"?{query}" if query else "")
 
 
 def check_link(secret: bytes, deploy_id: int, exp: str, sig: str, at: float) -> str | None:
@@ -177,10 +194,12 @@ class Identity:
 
     def status_query(self, deploy_id: int) -> str:
         """The signed query of a commit status's link to `deploy_id` ('' when turned off)."""
-        server = self._settings().server
-        if not server.signed_status_links:
-            return ""
-        return sign(self._secret, deploy_id, int(now()) + server.status_link_seconds)
+        return signed_query(self._settings().server, self._secret, deploy_id, now())
+
+    def deploy_url(self, deploy_id: int) -> str:
+        """The link a commit status or a notification gives: the deploy's page, signed."""
+        public_url = self._settings().server.public_url
+        return page_url(public_url, deploy_id, self.status_query(deploy_id) if public_url else "")
 
     def routes(self) -> list[web.RouteDef]:
         """Sign-in, the explanation of it, and sign-out."""

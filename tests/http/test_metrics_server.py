@@ -152,7 +152,7 @@ def recorded_totals(srv: Server) -> dict[tuple[str, ...], float]:
     """What deployd_deploys_total must say: the records' final deploys, grouped."""
     rows = records(
         srv,
-        "SELECT deployment, trigger, action, 'image', state, COUNT(*) FROM deploys "
+        "SELECT deployment, trigger, action, kind, state, COUNT(*) FROM deploys "
         "WHERE state NOT IN ('queued', 'running') GROUP BY 1, 2, 3, 4, 5",
     )
     return {tuple(r[:5]): float(r[5]) for r in rows}
@@ -296,6 +296,18 @@ def test_metrics_listen_serves_metrics_alone_and_prometheus_scrapes_it(
         assert queued == {("prod",): 0.0, ("staging",): 0.0}
         assert prom.series("up", "job") == {("deployd",): 1.0}
         assert prom.series("deployd_ssh_sessions", "job") == {("deployd",): 0.0}
+        # A signed-in SSH connection (-N: no command) counts while it is open.
+        held = subprocess.Popen(
+            srv.ssh_argv("alice", "-N"), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            sessions = scraped_equals(prom, "deployd_ssh_sessions", ("job",), {("deployd",): 1.0})
+            assert sessions == {("deployd",): 1.0}, prom.log()
+        finally:
+            held.terminate()
+            held.wait(timeout=10)
+        sessions = scraped_equals(prom, "deployd_ssh_sessions", ("job",), {("deployd",): 0.0})
+        assert sessions == {("deployd",): 0.0}, prom.log()
     finally:
         assert srv.stop() == 0
     with pytest.raises(OSError):  # the metrics listener stopped with the daemon

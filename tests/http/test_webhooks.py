@@ -25,6 +25,7 @@ from daemon.errors import GitError
 from daemon.http.api import Api
 from daemon.http.webhooks import Webhooks, decide, signature_ok
 from daemon.metrics import Metrics
+from daemon.web.identity import page_url
 from tests.support.fakes import FakeEngine
 
 SHA = "a" * 40
@@ -343,13 +344,15 @@ def _record(state: str, error: str = "", step: str | None = None, tag: str = "t1
 def test_status_for_each_outcome(
     state: str, error: str, step: str | None, gh: str, text: str
 ) -> None:
-    body = status_for(_record(state, error, step), "https://deployd.example")
+    link = page_url("https://deployd.example", 12)
+    body = status_for(_record(state, error, step), link)
     assert body["state"] == gh and body["description"].startswith(text), body
     assert body["context"] == "deployd/prod"
     assert body["target_url"] == "https://deployd.example/deploys/12"
-    signed = status_for(_record(state, error, step), "https://deployd.example", "exp=9&sig=ab")
+    signed_link = page_url("https://deployd.example/", 12, "exp=9&sig=ab")
+    signed = status_for(_record(state, error, step), signed_link)
     assert signed["target_url"] == "https://deployd.example/deploys/12?exp=9&sig=ab"
-    long = status_for(_record("failed", "x" * 500, "parse"), "")
+    long = status_for(_record("failed", "x" * 500, "parse"), page_url("", 12))
     assert len(long["description"]) == 140 and "target_url" not in long
 
 

@@ -13,7 +13,8 @@ from daemon.core.deploys import Deploy, DeployEvent, Options
 from daemon.notify import messages
 from tests.notify.conftest import SECRET, deploy, target
 
-PUBLIC = "https://deployd.example.com"
+# Where a person reads the deploy (Identity.deploy_url makes it): messages carry it as given.
+LINK = "https://deployd.example.com/deploys/1?exp=1767225600&sig=abababababababababababababababababababababababababababababababab"
 
 
 def event_of(records: Records, deploy_id: int, name: str) -> DeployEvent:
@@ -35,7 +36,7 @@ def failed(records: Records) -> tuple[DeployEvent, Deploy]:
 
 def test_slack_message_of_a_failed_deploy(records: Records) -> None:
     event, rec = failed(records)
-    req = messages.render(target("chat", "https://x", "slack"), event, rec, PUBLIC)
+    req = messages.render(target("chat", "https://x", "slack"), event, rec, LINK)
     msg = json.loads(req.body)
     assert msg["text"] == (
         "prod: deploy #1 failed at parse: dags/sales.py: ModuleNotFoundError at line 2"
@@ -55,7 +56,7 @@ def test_slack_message_of_a_failed_deploy(records: Records) -> None:
     assert error["text"]["text"] == "```dags/sales.py: ModuleNotFoundError at line 2```"
     assert link == {
         "type": "context",
-        "elements": [{"type": "mrkdwn", "text": f"<{PUBLIC}/api/deploys/1|deploy #1>"}],
+        "elements": [{"type": "mrkdwn", "text": f"<{LINK}|deploy #1>"}],
     }
     assert "X-Signature" not in req.headers
     assert req.headers["X-Deployd-Event"] == "failed"
@@ -87,11 +88,11 @@ def test_a_started_event_shows_only_what_was_fixed_at_the_start(records: Records
     # Delivered late, after the deploy failed: it still says started, not failed.
     _, rec = failed(records)
     started = event_of(records, rec.id, "started")
-    msg = messages.slack(messages.summarise(started, rec, PUBLIC))
+    msg = messages.slack(messages.summarise(started, rec, LINK))
     text = json.dumps(msg)
     assert msg["blocks"][0]["text"]["text"] == ":rocket: *prod: deploy #1 started*"
     assert "ModuleNotFound" not in text and "parse" not in text and "Duration" not in text
-    body = messages.webhook_event(started, rec, PUBLIC, "d")
+    body = messages.webhook_event(started, rec, LINK, "d")
     assert body["state"] == "running" and body["event"] == "started"
     assert (body["error"], body["step"], body["finished_at"], body["duration_seconds"]) == (
         None,
@@ -104,9 +105,7 @@ def test_a_started_event_shows_only_what_was_fixed_at_the_start(records: Records
 
 def test_teams_gets_an_adaptive_card_through_a_workflows_webhook(records: Records) -> None:
     event, rec = failed(records)
-    msg = json.loads(
-        messages.render(target("ops", "https://x", "msteams"), event, rec, PUBLIC).body
-    )
+    msg = json.loads(messages.render(target("ops", "https://x", "msteams"), event, rec, LINK).body)
     assert msg["type"] == "message"
     (attachment,) = msg["attachments"]
     assert attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
@@ -125,9 +124,7 @@ def test_teams_gets_an_adaptive_card_through_a_workflows_webhook(records: Record
         "Step": "parse",
     }
     assert error["text"] == "dags/sales.py: ModuleNotFoundError at line 2"
-    assert card["actions"] == [
-        {"type": "Action.OpenUrl", "title": "Deploy #1", "url": f"{PUBLIC}/api/deploys/1"}
-    ]
+    assert card["actions"] == [{"type": "Action.OpenUrl", "title": "Deploy #1", "url": LINK}]
     no_link = messages.msteams(messages.summarise(event, rec, ""))
     assert "actions" not in no_link["attachments"][0]["content"]
 
@@ -146,7 +143,7 @@ def test_webhook_event_is_signed_over_its_exact_bytes(records: Records) -> None:
     assert rec is not None
     event = event_of(records, did, "succeeded")
     hook = target("consumer", "https://x")
-    req = messages.render(hook, event, rec, PUBLIC)
+    req = messages.render(hook, event, rec, LINK)
     want = "sha256=" + hmac.new(SECRET.encode(), req.body, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(req.headers["X-Signature"], want)
     assert req.headers["Content-Type"] == "application/json"
@@ -177,7 +174,7 @@ def test_webhook_event_is_signed_over_its_exact_bytes(records: Records) -> None:
         "duration_seconds": round(rec.finished_at - rec.started_at, 3),  # type: ignore[operator]
         "step": None,
         "error": None,
-        "url": f"{PUBLIC}/api/deploys/{did}",
+        "url": LINK,
     }
     # A different secret does not verify.
     other = "sha256=" + hmac.new(b"other", req.body, hashlib.sha256).hexdigest()

@@ -12,11 +12,13 @@ import signal
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.adapters.records import Records
 from daemon.core.deploys import Options
@@ -128,6 +130,13 @@ def test_real_deploys_tell_slack_teams_and_a_webhook(
         wait_for(lambda: len(r.delivered("slack/T01/B02/XyzSlackToken")) == 2, "slack")
         wait_for(lambda: len(r.delivered("teams/workflows/abc")) == 1, "teams")
         wait_for(lambda: len(r.delivered("hook")) == 4, "the webhook")
+        # Slack's link is the failed deploy's page, signed: it opens with no sign-in.
+        link = r.requests("slack/T01/B02/XyzSlackToken")[1].json["blocks"][3]["elements"][0]
+        url = re.fullmatch(r"<(.*)\|deploy #2>", link["text"])
+        assert url is not None and url[1].startswith(f"{PUBLIC}/deploys/2?exp="), link
+        local = url[1].replace(PUBLIC, f"http://127.0.0.1:{srv.http_port}")
+        with urllib.request.urlopen(local, timeout=10) as page:
+            assert page.status == 200 and "Break the DAGs" in page.read().decode()
         # SIGHUP with a target more; then a deploy that ends in another process.
         add_notify(srv.config, [{"name": "late", "type": "webhook", "url": receivers.url("late")}])
         srv.signal(signal.SIGHUP)
@@ -168,9 +177,6 @@ def test_real_deploys_tell_slack_teams_and_a_webhook(
         "*Trigger*\nssh",
     ]
     assert "dags/broken.py" in slack[1].json["blocks"][2]["text"]["text"]
-    assert (
-        slack[1].json["blocks"][3]["elements"][0]["text"] == f"<{PUBLIC}/api/deploys/2|deploy #2>"
-    )
     assert "Image" in json.dumps(slack[0].json) and ok["tag"] in json.dumps(slack[0].json)
 
     (teams,) = r.requests("teams/workflows/abc")
@@ -195,6 +201,19 @@ def test_real_deploys_tell_slack_teams_and_a_webhook(
     assert "notified chat: deploy #2 failed" in log
     for secret in ("XyzSlackToken", "TeamsSigSecret", str(receivers.server.port)):
         assert secret not in log
+
+
+def notifications(srv: Server, target: str) -> dict[str, float]:
+    """deployd_notifications_total of `target` by outcome, as the daemon's /metrics says."""
+    url = f"http://127.0.0.1:{srv.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "deployd_notifications_total" and sample.labels["target"] == target
+    }
 
 
 def test_exactly_once_across_a_restart_and_a_failing_receiver(
@@ -242,7 +261,16 @@ def test_exactly_once_across_a_restart_and_a_failing_receiver(
         cli = Deployd(srv.config, srv.state_dir).run("deploy", "prod", str(repo), "--json")
         assert cli.returncode == 0, cli.stderr
         wait_for(lambda: len(r.delivered("hook")) == 3, "the CLI deploy's")
-        time.sleep(1)
+        # This process sent the 4th attempt's failure and three deliveries.
+        assert notifications(srv, "hook") == {
+            "delivered": 3.0,
+            "failed": 4.0 - attempts_at_stop,
+            "dropped": 0.0,
+        }
+        # A restart after the last 2xx sends nothing again.
+        assert srv.stop() == 0
+        srv.start()
+        time.sleep(2)
     finally:
         assert srv.stop() == 0
     got = r.requests("hook")

@@ -22,8 +22,9 @@ import pytest
 
 from daemon.adapters.records import Records
 from daemon.config import Settings
-from daemon.notify.outbox import Deliverer, Timing, deliver_pending
+from daemon.notify.outbox import Deliverer, Timing, _signed_link, deliver_pending
 from daemon.notify.send import scrub
+from daemon.web.identity import SECRET_FILE, check_link, ensure_secret
 from tests.notify.conftest import Served, deploy, settings, target
 from tests.support.receivers import Answer, Got
 
@@ -419,6 +420,28 @@ async def test_the_cli_sends_only_for_targets_no_daemon_holds(
     assert [seen(g)[0] for g in served.receiver.requests("chat")] == ids
     # Its lease is let go at once.
     assert records.claim_target("chat", "serve:elsewhere:1", 30) is not None
+
+
+async def test_a_cli_run_links_to_the_page_signed_with_the_daemons_key(
+    tmp_path: Path, records: Records, served: Served
+) -> None:
+    config = settings(
+        tmp_path, target("hook", served.url("hook")), public_url="https://deployd.example.com/"
+    )
+    records.add_targets(["hook"])
+    did = deploy(records, "running", "failed", error="x")
+    assert await deliver_pending(config, records, budget=5, timing=FAST) == {"hook": 0}
+    (got,) = served.receiver.requests("hook")
+    page = rf"https://deployd\.example\.com/deploys/{did}\?exp=(\d+)&sig=(\w+)"
+    url = re.fullmatch(page, got.json["url"])
+    assert url is not None, got.json["url"]
+    # The key is the one `deployd serve` signs and checks links with.
+    key = ensure_secret(config.server.state_dir / SECRET_FILE)
+    assert check_link(key, did, url[1], url[2], time.time()) is None
+    assert check_link(key, did + 1, url[1], url[2], time.time()) is not None
+    unsigned = replace(config, server=replace(config.server, signed_status_links=False))
+    assert _signed_link(unsigned, did) == f"https://deployd.example.com/deploys/{did}"
+    assert _signed_link(settings(tmp_path), did) == ""  # no public_url: no link
 
 
 async def test_the_cli_delivery_is_bounded_and_leaves_the_rest(
