@@ -19,8 +19,9 @@ the Content-Security-Policy is `default-src 'self'`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -29,11 +30,13 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from daemon import names, views
+from daemon.adapters import freezes
 from daemon.adapters.records import Records
-from daemon.config import Deployment, Settings
-from daemon.core import deploys, usecases
+from daemon.config import Deployment, Key, Settings
+from daemon.core import access, deploys, usecases
 from daemon.core.context import DeployRequest
 from daemon.core.deploys import Deploy
 from daemon.core.freezes import describe
@@ -128,6 +131,11 @@ class Dashboard:
             web.get("/deploys/{id}/events", self._page(self.events, link_ok=True)),
             web.get("/deploys/{id}/rollback", self._page(self.confirm_rollback)),
             web.post("/deploys/{id}/rollback", self._page(self.rollback)),
+            web.post("/deploys/{id}/cancel", self._page(self.cancel)),
+            web.post("/deployments/{name}/freeze", self._page(self.freeze)),
+            web.post("/deployments/{name}/unfreeze", self._page(self.unfreeze)),
+            web.get("/deployments/{name}/promote", self._page(self.confirm_promotion)),
+            web.post("/deployments/{name}/promote", self._page(self.promote)),
             web.get("/static/{name}", self.static),
             web.get("/favicon.ico", self.favicon),  # what browsers ask for by themselves
         ]
@@ -167,6 +175,8 @@ class Dashboard:
                 return await handler(request, viewer)
             except Shown as exc:
                 return self._refusal(request, exc.status, exc.reason)
+            except access.Forbidden as exc:
+                return self._refusal(request, 403, exc.message)
             except Refusal as exc:
                 return self._refusal(request, 409, exc.message)
             except DeploydError as exc:
@@ -322,7 +332,27 @@ class Dashboard:
             triggers=deploys.TRIGGERS,
             newer=link(page - 1) if page > 1 else "",
             older=link(page + 1) if page < pages else "",
+            **await asyncio.to_thread(self._release_facts, viewer, dep),
         )
+
+    def _release_facts(self, viewer: Viewer, dep: Deployment) -> dict[str, Any]:
+        """What the deployment page's release actions show (in a thread)."""
+        freeze = usecases.freeze_of(self.records, dep)
+        may = viewer.may_rollback(dep.name)
+        sources = [
+            d.name
+            for d in self._settings().deployments
+            if d.name != dep.name
+            and viewer.may_read(d.name)
+            and dep.promote_from in (None, d.name)
+            and d.dag_source == dep.dag_source
+        ]
+        return {
+            "may_act": may,
+            "freeze": describe(freeze) if freeze is not None else "",
+            "recorded_freeze": freezes.recorded(self.records, dep.name) is not None,
+            "sources": sources if may else [],
+        }
 
     # -- a deploy -----------------------------------------------------------------------
 
@@ -347,6 +377,7 @@ class Dashboard:
             may_rollback=viewer.may_rollback(rec.deployment)
             and rec.state == deploys.SUCCEEDED
             and bool(rec.digest),
+            may_cancel=viewer.may_rollback(rec.deployment) and not rec.final,
             duration=present.duration,
         )
         template = aiohttp_jinja2.get_env(request.app).get_template("deploy.html")
@@ -406,22 +437,136 @@ class Dashboard:
 
     async def rollback(self, request: web.Request, viewer: Viewer) -> web.StreamResponse:
         """Roll back to this deploy (as `deployd rollback DEPLOYMENT ID`), then 303 to it."""
+        await self._form(request, viewer)
+        rec = await self._rollback_target(request, viewer)
+        settings = self._settings()
+        dep = settings.deployment(rec.deployment)
+        self._pipeline("rollbacks")
+        req = await asyncio.to_thread(self._rollback_request, settings, dep, rec, viewer)
+        return await self._start(req)
+
+    # -- the actions' common parts ------------------------------------------------------
+
+    async def _form(self, request: web.Request, viewer: Viewer) -> MultiDictProxy[Any]:
+        """The posted form, if it carries this session's CSRF token (else 403)."""
         form = await request.post()
         sent = form.get("csrf")
         if not isinstance(sent, str) or not viewer.csrf_ok(sent):
             raise Shown(403, CSRF_REFUSED)
-        rec = await self._rollback_target(request, viewer)
+        return form
+
+    def _pipeline(self, what: str) -> Pipeline:
         if self.pipeline is None:
-            raise Shown(503, "rollbacks run in deployd serve; this server has no pipeline.")
-        settings = self._settings()
-        dep = settings.deployment(rec.deployment)
-        req = await asyncio.to_thread(self._rollback_request, settings, dep, rec, viewer)
-        deploy_id = await asyncio.to_thread(self.pipeline.enqueue, req)
-        pipeline = self.pipeline
+            raise Shown(503, f"{what} run in deployd serve; this server has no pipeline.")
+        return self.pipeline
+
+    async def _start(self, req: DeployRequest) -> web.StreamResponse:
+        """Queue and run `req` as `deployd serve` runs a push's deploy; 303 to its page."""
+        pipeline = self._pipeline("deploys")
+        deploy_id = await asyncio.to_thread(pipeline.enqueue, req)
         task: asyncio.Task[object] = asyncio.create_task(pipeline.run(req, deploy_id=deploy_id))
         pipeline.commands.add(task)  # SIGTERM waits for it like for a push
         task.add_done_callback(pipeline.commands.discard)
         raise web.HTTPSeeOther(f"{self.root()}/deploys/{deploy_id}", headers=SECURITY_HEADERS)
+
+    def _acting(self, viewer: Viewer, deployment: str) -> Key:
+        """The signed-in key, if it may change what `deployment` runs (else 403, one line)."""
+        assert viewer.key is not None  # _page lets no signed link act
+        access.require(viewer.key, deployment, access.DEPLOY)
+        return viewer.key
+
+    def _back_to(self, dep: Deployment) -> web.HTTPSeeOther:
+        return web.HTTPSeeOther(f"{self.root()}/deployments/{dep.name}", headers=SECURITY_HEADERS)
+
+    # -- cancel, freeze, unfreeze, promote: as `deployd …`, acting as the key --------------
+
+    async def cancel(self, request: web.Request, viewer: Viewer) -> web.StreamResponse:
+        """Cancel this deploy (as `deployd cancel ID`), then 303 to its page, which follows
+        it until it stops."""
+        await self._form(request, viewer)
+        rec = await self._deploy(request, viewer)
+        key = self._acting(viewer, rec.deployment)
+        await asyncio.to_thread(
+            functools.partial(usecases.cancel, self.records, rec.id, by=key.name)
+        )
+        raise web.HTTPSeeOther(f"{self.root()}/deploys/{rec.id}", headers=SECURITY_HEADERS)
+
+    async def freeze(self, request: web.Request, viewer: Viewer) -> web.StreamResponse:
+        """Freeze this deployment: the form's `reason` and `until` (as `deployd freeze`)."""
+        form = await self._form(request, viewer)
+        dep = self._deployment(viewer, request.match_info["name"])
+        key = self._acting(viewer, dep.name)
+        reason, until = form.get("reason"), form.get("until", "")
+        if not isinstance(reason, str) or not isinstance(until, str):
+            raise Shown(400, "the form needs a reason (text) and may have an until (a time).")
+        await asyncio.to_thread(
+            functools.partial(
+                usecases.freeze,
+                self.records,
+                dep,
+                by=key.name,
+                reason=reason,
+                until=until.strip() or None,
+            )
+        )
+        raise self._back_to(dep)
+
+    async def unfreeze(self, request: web.Request, viewer: Viewer) -> web.StreamResponse:
+        """End this deployment's freeze (as `deployd unfreeze`)."""
+        await self._form(request, viewer)
+        dep = self._deployment(viewer, request.match_info["name"])
+        key = self._acting(viewer, dep.name)
+        await asyncio.to_thread(
+            functools.partial(usecases.unfreeze, self.records, dep, by=key.name)
+        )
+        raise self._back_to(dep)
+
+    def _promotion(
+        self, viewer: Viewer, target: Deployment, values: Mapping[str, Any]
+    ) -> tuple[DeployRequest, Deploy]:
+        """The promotion `values` (from, deploy_id) ask for, checked as `deployd promote`
+        checks it; and the source's deploy it ships (in a thread)."""
+        key = self._acting(viewer, target.name)
+        name, wanted = values.get("from"), values.get("deploy_id") or None
+        if not isinstance(name, str) or not (wanted is None or isinstance(wanted, str)):
+            raise Shown(400, "name the deployment to promote from.")
+        source = self._deployment(viewer, name)  # read access, or the same 404 as unknown
+        access.require_promotion(key, source.name, target.name)
+        deploy_id = names.deploy_id(wanted) if wanted is not None else None
+        req = usecases.promote(
+            self._settings(),
+            self.records,
+            source,
+            target,
+            deploy_id,
+            trigger="dashboard",
+            actor=key.name,
+        )
+        return req, usecases.promotion_source(self.records, source, deploy_id)
+
+    async def confirm_promotion(self, request: web.Request, viewer: Viewer) -> web.StreamResponse:
+        """What promoting ?from=SOURCE[&deploy_id=N] to this deployment would run, and the
+        form that asks for it."""
+        target = self._deployment(viewer, request.match_info["name"])
+        _, shipped = await asyncio.to_thread(self._promotion, viewer, target, request.query)
+        current = await asyncio.to_thread(self.records.last_succeeded, target.name)
+        return self._render(
+            request,
+            "promote.html",
+            f"promote {shipped.deployment} to {target.name} · deployd",
+            target=target,
+            rec=shipped,
+            current=current,
+            pinned=bool(request.query.get("deploy_id")),
+        )
+
+    async def promote(self, request: web.Request, viewer: Viewer) -> web.StreamResponse:
+        """Promote (as `deployd promote SOURCE TARGET [ID]`), then 303 to the new deploy."""
+        form = await self._form(request, viewer)
+        target = self._deployment(viewer, request.match_info["name"])
+        self._pipeline("promotions")
+        req, _ = await asyncio.to_thread(self._promotion, viewer, target, form)
+        return await self._start(req)
 
     def _rollback_request(
         self, settings: Settings, dep: Deployment, rec: Deploy, viewer: Viewer

@@ -39,7 +39,8 @@ class Viewer:
         return access.allowed(self.key, deployment, access.READ)
 
     def may_rollback(self, deployment: str) -> bool:
-        """Whether this viewer may roll `deployment` back (never through a link)."""
+        """Whether this viewer may change what `deployment` runs: roll back, cancel, freeze,
+        unfreeze, promote into it (deploy access; never through a link)."""
         return self.key is not None and access.allowed(self.key, deployment, access.DEPLOY)
 
     def csrf_ok(self, sent: str) -> bool:

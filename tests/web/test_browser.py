@@ -297,6 +297,138 @@ def test_roll_back_from_the_page(dash: Dashboard, tabs: Tabs) -> None:
     assert rows(alice)[0] == new_id
 
 
+def test_cancel_a_running_deploy_from_its_page(dash: Dashboard, tabs: Tabs) -> None:
+    w = dash.world
+    nonce = uuid.uuid4().hex  # no layer cache: the build runs, slowly, every time
+    (w.local / "Dockerfile").write_text(
+        f"FROM {w.infra.airflow_image}\n"
+        f"RUN echo {nonce} && for i in $(seq 1 {SLOW_TICKS}); do echo tick-$i; sleep 0.4; done\n"
+    )
+    commit_all(w.local, "A slow build to cancel")
+    before = dash.newest_id("push")
+    proc = dash.push()
+    try:
+        running = w.wait_deploy("push", before, step="build", while_alive=proc)
+        alice = tabs.open("alice")
+        dash.sign_in(alice, "alice")
+        alice.goto(f"/deploys/{running['id']}")
+        form = alice.page.locator("form#cancel")
+        assert form.get_attribute("method") == "post"
+        assert form.locator("input[type=hidden][name=csrf]").count() == 1
+        form.locator("[type=submit]").click()
+        alice.page.wait_for_url(f"{dash.base}/deploys/{running['id']}")
+        alice.page.wait_for_selector("#state[data-state='cancelled']")
+        assert alice.page.locator("form#cancel").count() == 0  # nothing left to cancel
+        alice.shot("cancelled")
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and "cancelled by alice during build" in err, err
+        done = w.wait_state(running["id"])
+        assert (done["state"], done["cancelled_by"], done["step"]) == (
+            "cancelled",
+            "alice",
+            "build",
+        ), done
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        (w.local / "Dockerfile").write_text(f"FROM {w.infra.airflow_image}\n")
+        commit_all(w.local, "A quick build again")
+    # An ended deploy has no cancel button, and a cancel posted anyway is refused in a line.
+    alice.goto(f"/deploys/{running['id']}")
+    assert alice.page.locator("form#cancel").count() == 0
+    csrf = str(alice.page.locator("form.logout input[name=csrf]").get_attribute("value"))
+    body = refusal(alice, f"/deploys/{running['id']}/cancel", 409, "POST", csrf=csrf)
+    assert "has already ended (cancelled by alice); there is nothing to cancel." in body
+
+
+def test_freeze_and_unfreeze_from_the_deployment_page(dash: Dashboard, tabs: Tabs) -> None:
+    push = dash.name("push")
+    alice = tabs.open("alice")
+    dash.sign_in(alice, "alice")
+    alice.goto(f"/deployments/{push}")
+    form = alice.page.locator("form#freeze-form")
+    assert form.locator("input[type=hidden][name=csrf]").count() == 1
+    form.locator("input[name=reason]").fill("incident 42")
+    form.locator("input[name=until]").fill("2h")
+    form.locator("[type=submit]").click()
+    alice.page.wait_for_url(f"{dash.base}/deployments/{push}")
+    frozen = alice.page.locator("#freeze").inner_text()
+    assert frozen.startswith(f"{push} is frozen by alice since ") and "incident 42" in frozen
+    alice.shot("frozen")
+    try:
+        (held,) = dash.world.rows(
+            "SELECT * FROM freezes WHERE deployment = ? AND ended_at IS NULL", (push,)
+        )
+        assert (held["frozen_by"], held["reason"]) == ("alice", "incident 42")
+        assert 7190 < held["until"] - held["since"] <= 7200
+        # While frozen, a push is refused at once with the reason, and nothing is deployed.
+        before = dash.newest_id("push")
+        commit_all(dash.world.local, "A change while frozen")
+        proc = dash.push()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and "incident 42" in err and "alice" in err, err
+        assert dash.newest_id("push") == before
+        # The overview shows it too.
+        alice.goto("/")
+        card = alice.page.locator(f"section.deployment[data-deployment='{push}']")
+        assert "incident 42" in card.inner_text()
+        alice.goto(f"/deployments/{push}")
+    finally:
+        alice.page.locator("form#unfreeze [type=submit]").click()
+    alice.page.wait_for_url(f"{dash.base}/deployments/{push}")
+    assert alice.page.locator("#freeze").count() == 0
+    assert alice.page.locator("form#freeze-form").count() == 1
+    (ended,) = dash.world.rows(
+        "SELECT * FROM freezes WHERE deployment = ? ORDER BY id DESC LIMIT 1", (push,)
+    )
+    assert ended["ended_by"] == "alice" and ended["ended_at"] is not None
+    # Unfreezing what is not frozen is refused in one line.
+    csrf = str(alice.page.locator("form.logout input[name=csrf]").get_attribute("value"))
+    body = refusal(alice, f"/deployments/{push}/unfreeze", 409, "POST", csrf=csrf)
+    assert f"{push} is not frozen." in body
+
+
+def test_promote_from_the_deployment_page(dash: Dashboard, tabs: Tabs) -> None:
+    push, hook = dash.name("push"), dash.name("hook")
+    source = succeeded(dash, "push")[-1]
+    # alice reads only push: no source to promote from, and hook's promotion is a 404.
+    alice = tabs.open("alice")
+    dash.sign_in(alice, "alice")
+    alice.goto(f"/deployments/{push}")
+    assert alice.page.locator("form#promote-form").count() == 0
+    refusal(alice, f"/deployments/{hook}/promote?from={push}", 404)
+    root = tabs.open("root")
+    dash.sign_in(root, "root")
+    root.goto(f"/deployments/{hook}")
+    form = root.page.locator("form#promote-form")
+    form.locator("select[name=from]").select_option(push)
+    form.locator("[type=submit]").click()
+    root.page.wait_for_url(f"{dash.base}/deployments/{hook}/promote?from={push}")
+    confirm = root.page.locator("form#promote")
+    assert confirm.get_attribute("method") == "post"
+    assert confirm.locator("input[type=hidden][name=csrf]").count() == 1
+    assert f"#{source['id']}" in root.page.locator("section.confirm").inner_text()
+    root.shot("promote")
+    before = dash.newest_id("hook")
+    confirm.locator("[type=submit]").click()
+    root.page.wait_for_url(re.compile(re.escape(dash.base) + r"/deploys/\d+$"))
+    new_id = int(root.page.url.rsplit("/", 1)[1])
+    assert new_id > before
+    done = dash.world.wait_state(new_id)
+    assert (done["state"], done["trigger"], done["actor"], done["action"]) == (
+        "succeeded",
+        "dashboard",
+        "root",
+        "promotion",
+    ), done
+    assert (done["promoted_from"], done["promoted_from_id"]) == (push, source["id"])
+    assert (done["digest"], done["commit_sha"]) == (source["digest"], source["commit_sha"])
+    assert done["image"] != source["image"]  # copied across repositories in the registry
+    root.goto(f"/deploys/{new_id}")
+    assert f"{push} #{source['id']}" in root.page.locator("#facts").inner_text()
+    root.shot("promoted")
+
+
 def test_a_missing_or_wrong_csrf_token_is_refused(dash: Dashboard, tabs: Tabs) -> None:
     target = dash.first
     alice = tabs.open("alice")

@@ -47,9 +47,13 @@
       state.dataset.state = rec.state;
       state.className = "state state-" + rec.state;
     }
+    var running = rec.state === "queued" || rec.state === "running";
     if (step) {
-      var running = rec.state === "queued" || rec.state === "running";
       step.textContent = running && rec.step ? "in " + rec.step : "";
+    }
+    var cancel = document.getElementById("cancel");
+    if (cancel && !running) {
+      cancel.remove(); // nothing left to cancel
     }
     (rec.steps || []).forEach(function (s) {
       var bar = document.querySelector('.step-bar[data-step="' + s.name + '"]');
