@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon import config as config_mod
+from daemon import memory
 from daemon.adapters import repos
 from daemon.adapters.github import StatusReporter
 from daemon.adapters.images import Images
@@ -31,6 +32,7 @@ from daemon.adapters.kubernetes.watch import ClusterWatch
 from daemon.adapters.locks import DeploymentLock
 from daemon.adapters.records import Records
 from daemon.core.context import Services
+from daemon.core.deploys import Deploy
 from daemon.core.pipeline import HOLD_LOCK_SECONDS, Pipeline
 from daemon.core.policy import Lifecycle
 from daemon.core.recovery import finish_rollbacks, reconcile_roll, recover, unfinished_rollbacks
@@ -108,6 +110,7 @@ class Daemon:
         )
         # A deploy of this process started or ended: its event is in the outbox now.
         self.pipeline.observers.append(lambda event, record: self.deliverer.wake())
+        self.pipeline.observers.append(self._trim_after)
         self.notifier = Notifier(dict(os.environ))
         # What the clusters run, kept current by watches: the dashboard reads it per request.
         self.cluster_watch = ClusterWatch(settings)
@@ -120,6 +123,7 @@ class Daemon:
         )
         self.stop_requested = asyncio.Event()
         self.refreshing: set[asyncio.Task[None]] = set()
+        self.trims: set[asyncio.Task[bool]] = set()
 
     @property
     def settings(self) -> config_mod.Settings:
@@ -247,6 +251,13 @@ class Daemon:
             except DeploydError as exc:
                 log.error("reload: repository of %s: %s", dep.name, exc.message)
 
+    def _trim_after(self, event: str, record: Deploy) -> None:
+        """Pipeline observer: a deploy ended; hand the heap's free pages back, in a thread."""
+        if record.final:
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(memory.trim))
+            self.trims.add(task)
+            task.add_done_callback(self.trims.discard)
+
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_seconds / 2
         if interval <= 0:
@@ -302,6 +313,7 @@ def serve(config_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # every connection is a descriptor: take what we are allowed
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    memory.limit_arenas()  # before the first thread: see daemon/memory.py
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(config_path, settings))
 

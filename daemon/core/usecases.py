@@ -416,6 +416,13 @@ def recover_if_idle(settings: Settings, records: Records, deployment: str) -> No
 # -- logs -----------------------------------------------------------------------
 
 
+def _state_and_lines(
+    records: Records, deploy_id: int, after: int
+) -> tuple[Deploy | None, list[LogLine]]:
+    """The deploy's record, then its lines after `after` (in that order: see follow_log)."""
+    return records.get(deploy_id), records.log_lines(deploy_id, after)
+
+
 async def follow_log(
     records: Records,
     deploy_id: int,
@@ -435,7 +442,9 @@ async def follow_log(
     """
     queue = live.subscribe() if live is not None and follow else None
     try:
-        for row in records.log_lines(deploy_id, after):
+        # Off the event loop: a log can be the largest deployd keeps, and another
+        # writer may hold the database.
+        for row in await asyncio.to_thread(records.log_lines, deploy_id, after):
             after = row.id
             yield row
         if not follow:
@@ -450,8 +459,7 @@ async def follow_log(
         if queue is not None and live is not None:
             live.unsubscribe(queue)  # a follower that went away is fed no more
     while True:
-        rec = records.get(deploy_id)
-        rows = records.log_lines(deploy_id, after)
+        rec, rows = await asyncio.to_thread(_state_and_lines, records, deploy_id, after)
         for row in rows:
             after = row.id
             yield row

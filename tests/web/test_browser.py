@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import html
 import re
+import subprocess
 import time
 import urllib.parse
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -64,6 +67,27 @@ def succeeded(dash: Dashboard, deployment: str) -> list[dict[str, Any]]:
         "SELECT * FROM deploys WHERE deployment = ? AND state = 'succeeded' ORDER BY id",
         (dash.name(deployment),),
     )
+
+
+@contextmanager
+def slow_push(dash: Dashboard, message: str) -> Iterator[tuple[subprocess.Popen[str], Any]]:
+    """A push whose build prints a line every 0.4 s: (the push, its deploy, in build)."""
+    w = dash.world
+    nonce = uuid.uuid4().hex  # no layer cache: the RUN prints its lines every time
+    (w.local / "Dockerfile").write_text(
+        f"FROM {w.infra.airflow_image}\n"
+        f"RUN echo {nonce} && for i in $(seq 1 {SLOW_TICKS}); do echo tick-$i; sleep 0.4; done\n"
+    )
+    commit_all(w.local, message)
+    before = dash.newest_id("push")
+    proc = dash.push()
+    try:
+        yield proc, w.wait_deploy("push", before, step="build", while_alive=proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        (w.local / "Dockerfile").write_text(f"FROM {w.infra.airflow_image}\n")
+        commit_all(w.local, "A quick build again")
 
 
 # -- sign-in ---------------------------------------------------------------------------
@@ -178,16 +202,7 @@ def test_the_history_is_newest_first_and_filters_by_state_and_trigger(
 
 def test_a_running_deploys_log_arrives_without_reloading(dash: Dashboard, tabs: Tabs) -> None:
     w = dash.world
-    nonce = uuid.uuid4().hex  # no layer cache: the RUN prints its lines every time
-    (w.local / "Dockerfile").write_text(
-        f"FROM {w.infra.airflow_image}\n"
-        f"RUN echo {nonce} && for i in $(seq 1 {SLOW_TICKS}); do echo tick-$i; sleep 0.4; done\n"
-    )
-    commit_all(w.local, "A slow build")
-    before = dash.newest_id("push")
-    proc = dash.push()
-    try:
-        running = w.wait_deploy("push", before, step="build", while_alive=proc)
+    with slow_push(dash, "A slow build") as (proc, running):
         alice = tabs.open("alice")
         dash.sign_in(alice, "alice")
         alice.goto(f"/deploys/{running['id']}")
@@ -219,11 +234,6 @@ def test_a_running_deploys_log_arrives_without_reloading(dash: Dashboard, tabs: 
         assert f"tick-{SLOW_TICKS}" in texts
         # The deploy's end reaches the page too.
         alice.page.wait_for_selector("#state[data-state='succeeded']")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        (w.local / "Dockerfile").write_text(f"FROM {w.infra.airflow_image}\n")
-        commit_all(w.local, "A quick build again")
 
     # The finished deploy's timeline: a bar per step, the build's the widest (it took longest).
     alice.goto(f"/deploys/{running['id']}")
@@ -299,16 +309,7 @@ def test_roll_back_from_the_page(dash: Dashboard, tabs: Tabs) -> None:
 
 def test_cancel_a_running_deploy_from_its_page(dash: Dashboard, tabs: Tabs) -> None:
     w = dash.world
-    nonce = uuid.uuid4().hex  # no layer cache: the build runs, slowly, every time
-    (w.local / "Dockerfile").write_text(
-        f"FROM {w.infra.airflow_image}\n"
-        f"RUN echo {nonce} && for i in $(seq 1 {SLOW_TICKS}); do echo tick-$i; sleep 0.4; done\n"
-    )
-    commit_all(w.local, "A slow build to cancel")
-    before = dash.newest_id("push")
-    proc = dash.push()
-    try:
-        running = w.wait_deploy("push", before, step="build", while_alive=proc)
+    with slow_push(dash, "A slow build to cancel") as (proc, running):
         alice = tabs.open("alice")
         dash.sign_in(alice, "alice")
         alice.goto(f"/deploys/{running['id']}")
@@ -328,11 +329,6 @@ def test_cancel_a_running_deploy_from_its_page(dash: Dashboard, tabs: Tabs) -> N
             "alice",
             "build",
         ), done
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        (w.local / "Dockerfile").write_text(f"FROM {w.infra.airflow_image}\n")
-        commit_all(w.local, "A quick build again")
     # An ended deploy has no cancel button, and a cancel posted anyway is refused in a line.
     alice.goto(f"/deploys/{running['id']}")
     assert alice.page.locator("form#cancel").count() == 0

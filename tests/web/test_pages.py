@@ -11,7 +11,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from html import unescape
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from daemon.adapters.records import Records
-from daemon.config import Deployment, Key
+from daemon.config import AirflowApi, Deployment, Key
 from daemon.core.deploys import Options
 from daemon.core.logs import DeployLog
 from daemon.steps.checks.pytest import JUNIT_NAME, SUMMARY_NAME
@@ -371,6 +371,30 @@ async def test_the_history_and_the_deploy_page_show_each_deploys_kind(site: Site
     for i, kind, text in ((image, "image", "image"), (dags, "dags", "DAGs only")):
         _, page = await site.get(f"/deploys/{i}")
         assert f'<dt>kind</dt><dd class="kind" data-kind="{kind}">{text}</dd>' in page
+
+
+async def test_the_overview_shows_the_dag_version_of_a_git_dag_source(site: Site) -> None:
+    settings = site.w.settings
+    prod = replace(
+        settings.deployment("prod"),
+        dag_source="git",
+        airflow=AirflowApi("http://airflow:8080", "prod-dags", token="t"),
+    )
+    site.w.settings = replace(
+        settings, deployments=tuple(prod if d.name == "prod" else d for d in settings.deployments)
+    )
+    seed(site.records)
+    _, html = await site.get("/")
+    assert "deployed with the image" in html and "bundle <code>prod-dags</code>" in html
+    dags_commit = "fedcba9876543210fedcba9876543210fedcba98"
+    seed(site.records, kind="dags", commit=dags_commit, steps=("checkout", "parse"))
+    _, html = await site.get("/")
+    found = re.search(r'<p class="dags" data-dag-commit="(\w+)">(.*?)</p>', html, re.S)
+    assert found is not None and found[1] == dags_commit, html
+    assert "fedcba9" in found[2] and "a DAG deploy: the image above ran before it" in found[2]
+    site.w.settings = settings  # an image-only deployment shows no DAG line
+    _, html = await site.get("/")
+    assert 'class="dags"' not in html
 
 
 @pytest.mark.parametrize(
