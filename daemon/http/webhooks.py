@@ -20,6 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +194,7 @@ class Webhooks:
         self._count = count  # (X-GitHub-Event, outcome) of each answer: metrics
         self.running: set[asyncio.Task[Any]] = set()
         self._large = asyncio.Semaphore(LARGE_READS)
+        self._db = ThreadPoolExecutor(max_workers=4, thread_name_prefix="deployd-webhooks")
 
     async def _verified_body(
         self, request: web.Request, settings: Settings
@@ -244,19 +246,17 @@ class Webhooks:
         # Deciding is pure and cheap, so it runs before the insert; on a
         # redelivery its result is dropped for what the first arrival recorded.
         decision = self._decide(event, body, settings)
-        if decision.requests:
-            decision = await asyncio.to_thread(self._forward_only, decision)
-        # In a thread: another writer may hold the database for seconds, and the
-        # event loop answers everyone else meanwhile.
+        # One trip to a thread of the webhooks' own for every read and write of the
+        # delivery: another writer may hold the database for seconds, and the event
+        # loop answers everyone else meanwhile; the loop's default threads may all be
+        # busy with deploys' git and Docker calls.
         try:
-            new, status, answer, ids = await asyncio.to_thread(
-                self.records.record_delivery,
-                hook_id,
-                delivery,
-                event,
-                decision.status,
-                decision.answer,
-                [queued_fields(r) for r in decision.requests],
+            (
+                decision,
+                (new, status, answer, ids),
+                held,
+            ) = await asyncio.get_running_loop().run_in_executor(
+                self._db, self._record, hook_id, delivery, event, decision
             )
         except DiskFull as exc:  # not recorded: GitHub shows it failed, to be redelivered
             log.error("delivery %s not recorded: %s", delivery, exc.message)
@@ -274,12 +274,30 @@ class Webhooks:
                 ],
                 "message": "queued " + ", ".join(f"deploy #{i}" for i in ids),
             }
-            held = await asyncio.to_thread(self._frozen, decision.requests)
             if held:
                 answer["frozen"] = held
                 answer["message"] += f" ({' '.join(held)}; it runs when the freeze ends)"
             log.info("delivery %s: %s", delivery, answer["message"])
         return self._counted(request, web.json_response(answer, status=status))
+
+    def _record(
+        self, hook_id: str, delivery: str, event: str, decision: Decision
+    ) -> tuple[Decision, tuple[bool, int, dict[str, Any], list[int]], list[str]]:
+        """In a thread: drop what would move backwards, record the delivery (and its
+        deploys), and say which of those wait for a freeze."""
+        if decision.requests:
+            decision = self._forward_only(decision)
+        recorded = self.records.record_delivery(
+            hook_id,
+            delivery,
+            event,
+            decision.status,
+            decision.answer,
+            [queued_fields(r) for r in decision.requests],
+        )
+        new, _, _, ids = recorded
+        held = self._frozen(decision.requests) if new and ids else []
+        return decision, recorded, held
 
     def _frozen(self, requests: list[DeployRequest]) -> list[str]:
         """Why each frozen deployment among `requests` waits (its deploy stays queued)."""
