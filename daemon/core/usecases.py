@@ -197,6 +197,12 @@ def promote(
             f"{target.name} takes promotions from {target.promote_from}, not from "
             f"{source.name}: deployd promote {target.promote_from} {target.name}"
         )
+    if source.dag_source != target.dag_source:
+        raise Refusal(
+            f"{source.name} takes its DAGs from the {source.dag_source}, {target.name} from "
+            f"the {target.dag_source} (dag_source): a promotion ships an image and its DAGs "
+            "together, so both must read DAGs the same way."
+        )
     rec = promotion_source(records, source, deploy_id)
     image = rec.image or ""
     if split_repository(image)[0] != split_repository(target.image)[0]:

@@ -11,6 +11,7 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,17 @@ async def test_a_deployment_refuses_promotions_from_another_source(tmp_path: Pat
         "prod takes promotions from staging, not from qa: deployd promote staging prod"
     )
     assert refused.value.exit_code == 2
+
+
+async def test_a_promotion_between_dag_sources_is_refused(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    await w.deployed("staging")
+    staging = replace(w.dep("staging"), dag_source="git")
+    for source, target in ((staging, w.dep("prod")), (w.dep("prod"), staging)):
+        with pytest.raises(Refusal) as refused:
+            usecases.promote(w.settings, w.records, source, target, None, trigger="cli", actor="a")
+        assert "(dag_source)" in refused.value.message and refused.value.exit_code == 2
+    assert w.records.in_flight("prod") == []
 
 
 # -- freezes: the records ---------------------------------------------------------------

@@ -69,6 +69,19 @@ def succeeded(dash: Dashboard, deployment: str) -> list[dict[str, Any]]:
     )
 
 
+def confirmed(dash: Dashboard, tab: Tab, form: Any, deployment: str) -> dict[str, Any]:
+    """Submit a confirmation `form` (a POST with the CSRF token): the new deploy it opens
+    in `tab`, once that has ended."""
+    assert form.get_attribute("method") == "post"
+    assert form.locator("input[type=hidden][name=csrf]").count() == 1
+    before = dash.newest_id(deployment)
+    form.locator("[type=submit]").click()
+    tab.page.wait_for_url(re.compile(re.escape(dash.base) + r"/deploys/\d+$"))
+    new_id = int(tab.page.url.rsplit("/", 1)[1])
+    assert new_id > before
+    return dash.world.wait_state(new_id)  # type: ignore[no-any-return]
+
+
 @contextmanager
 def slow_push(dash: Dashboard, message: str) -> Iterator[tuple[subprocess.Popen[str], Any]]:
     """A push whose build prints a line every 0.4 s: (the push, its deploy, in build)."""
@@ -285,16 +298,10 @@ def test_roll_back_from_the_page(dash: Dashboard, tabs: Tabs) -> None:
     alice.page.locator(f"a[href$='/deploys/{target['id']}/rollback']").click()
     alice.page.wait_for_url(f"{dash.base}/deploys/{target['id']}/rollback")
     form = alice.page.locator("form#rollback")
-    assert form.get_attribute("method") == "post"
     assert form.get_attribute("action") == f"/deploys/{target['id']}/rollback"
-    assert form.locator("input[type=hidden][name=csrf]").count() == 1
     alice.shot("confirm")
-    before = dash.newest_id("push")
-    form.locator("[type=submit]").click()
-    alice.page.wait_for_url(re.compile(re.escape(dash.base) + r"/deploys/\d+$"))
-    new_id = int(alice.page.url.rsplit("/", 1)[1])
-    assert new_id > before
-    done = dash.world.wait_state(new_id)
+    done = confirmed(dash, alice, form, "push")
+    new_id = done["id"]
     assert (done["state"], done["trigger"], done["actor"], done["action"]) == (
         "succeeded",
         "dashboard",
@@ -400,17 +407,10 @@ def test_promote_from_the_deployment_page(dash: Dashboard, tabs: Tabs) -> None:
     form.locator("select[name=from]").select_option(push)
     form.locator("[type=submit]").click()
     root.page.wait_for_url(f"{dash.base}/deployments/{hook}/promote?from={push}")
-    confirm = root.page.locator("form#promote")
-    assert confirm.get_attribute("method") == "post"
-    assert confirm.locator("input[type=hidden][name=csrf]").count() == 1
     assert f"#{source['id']}" in root.page.locator("section.confirm").inner_text()
     root.shot("promote")
-    before = dash.newest_id("hook")
-    confirm.locator("[type=submit]").click()
-    root.page.wait_for_url(re.compile(re.escape(dash.base) + r"/deploys/\d+$"))
-    new_id = int(root.page.url.rsplit("/", 1)[1])
-    assert new_id > before
-    done = dash.world.wait_state(new_id)
+    done = confirmed(dash, root, root.page.locator("form#promote"), "hook")
+    new_id = done["id"]
     assert (done["state"], done["trigger"], done["actor"], done["action"]) == (
         "succeeded",
         "dashboard",
