@@ -55,7 +55,7 @@ from daemon.config import NotifyTarget, Settings
 from daemon.core.deploys import DeployEvent
 from daemon.notify import messages, send
 from daemon.retry import backoff
-from daemon.web.identity import SECRET_FILE, SecretError, ensure_secret, page_url, signed_query
+from daemon.web.identity import SECRET_FILE, SecretError, deploy_url, ensure_secret, page_url
 
 log = logging.getLogger(__name__)
 
@@ -544,6 +544,4 @@ def _signed_link(settings: Settings, deploy_id: int) -> str:
     except SecretError as exc:  # the page still opens after a sign-in
         log.warning("notification links are not signed: %s", exc.message)
         return page_url(server.public_url, deploy_id)
-    return page_url(
-        server.public_url, deploy_id, signed_query(server, secret, deploy_id, time.time())
-    )
+    return deploy_url(server, secret, deploy_id, time.time())

@@ -125,6 +125,14 @@ def page_url(public_url: str, deploy_id: int, query: str = "") -> str:
     return f"{public_url.rstrip('/')}/deploys/{deploy_id}" + (f"?{query}" if query else "")
 
 
+def deploy_url(server: ServerSettings, secret: bytes, deploy_id: int, at: float) -> str:
+    """The link a commit status or a notification gives: the deploy's page under
+    public_url, signed read-only when status links are on ('' without a public_url)."""
+    if not server.public_url:
+        return ""
+    return page_url(server.public_url, deploy_id, signed_query(server, secret, deploy_id, at))
+
+
 def check_link(secret: bytes, deploy_id: int, exp: str, sig: str, at: float) -> str | None:
     """Why a signed link is refused (tampered, expired), or None if it holds."""
     if not (_EXP.fullmatch(exp) and _SIG.fullmatch(sig)):
@@ -198,8 +206,7 @@ class Identity:
 
     def deploy_url(self, deploy_id: int) -> str:
         """The link a commit status or a notification gives: the deploy's page, signed."""
-        public_url = self._settings().server.public_url
-        return page_url(public_url, deploy_id, self.status_query(deploy_id) if public_url else "")
+        return deploy_url(self._settings().server, self._secret, deploy_id, now())
 
     def routes(self) -> list[web.RouteDef]:
         """Sign-in, the explanation of it, and sign-out."""

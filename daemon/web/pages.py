@@ -523,9 +523,9 @@ class Dashboard:
 
     def _promotion(
         self, viewer: Viewer, target: Deployment, values: Mapping[str, Any]
-    ) -> tuple[DeployRequest, Deploy]:
+    ) -> DeployRequest:
         """The promotion `values` (from, deploy_id) ask for, checked as `deployd promote`
-        checks it; and the source's deploy it ships (in a thread)."""
+        checks it (in a thread); its `promote_from` is the source's deploy it ships."""
         key = self._acting(viewer, target.name)
         name, wanted = values.get("from"), values.get("deploy_id") or None
         if not isinstance(name, str) or not (wanted is None or isinstance(wanted, str)):
@@ -533,7 +533,7 @@ class Dashboard:
         source = self._deployment(viewer, name)  # read access, or the same 404 as unknown
         access.require_promotion(key, source.name, target.name)
         deploy_id = names.deploy_id(wanted) if wanted is not None else None
-        req = usecases.promote(
+        return usecases.promote(
             self._settings(),
             self.records,
             source,
@@ -542,13 +542,14 @@ class Dashboard:
             trigger="dashboard",
             actor=key.name,
         )
-        return req, usecases.promotion_source(self.records, source, deploy_id)
 
     async def confirm_promotion(self, request: web.Request, viewer: Viewer) -> web.StreamResponse:
         """What promoting ?from=SOURCE[&deploy_id=N] to this deployment would run, and the
         form that asks for it."""
         target = self._deployment(viewer, request.match_info["name"])
-        _, shipped = await asyncio.to_thread(self._promotion, viewer, target, request.query)
+        req = await asyncio.to_thread(self._promotion, viewer, target, request.query)
+        shipped = req.promote_from
+        assert shipped is not None
         current = await asyncio.to_thread(self.records.last_succeeded, target.name)
         return self._render(
             request,
@@ -565,7 +566,7 @@ class Dashboard:
         form = await self._form(request, viewer)
         target = self._deployment(viewer, request.match_info["name"])
         self._pipeline("promotions")
-        req, _ = await asyncio.to_thread(self._promotion, viewer, target, form)
+        req = await asyncio.to_thread(self._promotion, viewer, target, form)
         return await self._start(req)
 
     def _rollback_request(
