@@ -270,9 +270,15 @@ def remote_tip(repo: Path, url: str, branch: str, env: Mapping[str, str]) -> str
 
 
 def ancestry(repo: Path, older: str, newer: str) -> bool | None:
-    """Whether `older` is `newer` or in its history; None if `repo` lacks either commit."""
+    """Whether `older` is `newer` or in its history; None if `repo` lacks either commit.
+
+    A commit the repository does not hold (a webhook's new push, not fetched yet: the
+    common case) is answered without starting git.
+    """
     names.commit_sha(older)
     names.commit_sha(newer)
+    if stored(repo, older) is False or stored(repo, newer) is False:
+        return None
     try:
         proc = subprocess.run(
             ["git", "-C", str(repo), "merge-base", "--is-ancestor", older, newer],
@@ -286,6 +292,53 @@ def ancestry(repo: Path, older: str, newer: str) -> bool | None:
     if proc.returncode in (0, 1):
         return proc.returncode == 0
     return None  # 128: a commit (or the repository) is not there
+
+
+_PACK_INDEX_V2 = b"\377tOc\0\0\0\2"
+
+
+def stored(repo: Path, sha: str) -> bool | None:
+    """Whether `repo` holds object `sha`, read off its object store (no git process):
+    a loose object, or an entry of a pack index (format version 2, gitformat-pack(5)).
+
+    None when this cannot tell (alternates, another index version, unreadable files):
+    ask git.
+    """
+    names.commit_sha(sha)
+    objects = repo / "objects" if (repo / "objects").is_dir() else repo / ".git" / "objects"
+    if not objects.is_dir() or (objects / "info" / "alternates").exists():
+        return None
+    if (objects / sha[:2] / sha[2:]).exists():
+        return True
+    want = bytes.fromhex(sha)
+    try:
+        indexes = [e.path for e in os.scandir(objects / "pack") if e.name.endswith(".idx")]
+    except FileNotFoundError:
+        indexes = []
+    except OSError:
+        return None
+    for index in indexes:
+        try:
+            with open(index, "rb") as fh:
+                if fh.read(8) != _PACK_INDEX_V2:
+                    return None
+                # The fan-out table: how many names start with a byte <= each value.
+                fanout = fh.read(1024)
+                first = want[0]
+                lo = int.from_bytes(fanout[(first - 1) * 4 : first * 4]) if first else 0
+                hi = int.from_bytes(fanout[first * 4 : first * 4 + 4])
+                while lo < hi:  # the sorted names of that first byte
+                    mid = (lo + hi) // 2
+                    fh.seek(8 + 1024 + mid * 20)
+                    name = fh.read(20)
+                    if name == want:
+                        return True
+                    lo, hi = (mid + 1, hi) if name < want else (lo, mid)
+        except FileNotFoundError:  # repacked meanwhile: its objects are in another pack
+            return None
+        except OSError:
+            return None
+    return False
 
 
 def changed_paths(

@@ -10,9 +10,15 @@ leaves a lock behind:
   no live waiter with a smaller ticket remains. A waiter file whose flock can
   be taken belongs to a dead process and is removed.
 
-Waiters in the process that releases or leaves the queue are woken at once
-(`wake`); what other processes do is seen by a slow poll. A daemon with many
-deploys queued so spends its event loop on hand-overs, not on polling.
+When the lock is released or a waiter leaves the queue, the first waiter of
+this process in ticket order is woken at once (the others could not take the
+lock anyway); `wake` wakes them all (a queued deploy was ended and should leave).
+What other processes do is seen by a slow poll. A waiter looks only as far as
+the first live waiter ahead of it. A daemon with hundreds of deploys queued so
+spends its event loop on one look per hand-over, not one per waiter, and the
+looks themselves (directory listings, flocks, truncates that may wait on the
+filesystem's journal) run on one thread of the process's, in order, not on the
+event loop.
 """
 
 from __future__ import annotations
@@ -24,27 +30,43 @@ import inspect
 import os
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # How often a waiter looks without being woken: for a release, a dead waiter or a give-up
 # in another process (a CLI deploy, `deployd cancel`). Each look is file operations and
 # the caller's give_up, per waiter.
 _POLL_SECONDS = 0.5
 
-# The waiters of this process, by lock directory: woken by release, dequeue and `wake`.
-_waiters: dict[Path, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+# The waiters of this process, by lock directory and ticket: woken by release,
+# dequeue and `wake`.
+_waiters: dict[Path, dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
 _waiters_lock = threading.Lock()
+
+# Every lock file operation of an `acquire`, and of a release, in the order asked:
+# a release queued before a waiter's look is done before it.
+_FILES = ThreadPoolExecutor(1, thread_name_prefix="deployd-locks")
+
+
+async def _on_files(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_FILES, fn, *args)
 
 
 def wake(state_dir: Path, deployment: str) -> None:
-    """Make this process's waiters for `deployment`'s lock look again now (thread-safe):
-    the lock was released, or a queued deploy was ended and should leave the queue."""
-    _wake(state_dir / "locks" / deployment)
+    """Make every waiter of this process for `deployment`'s lock look again now
+    (thread-safe): a queued deploy was ended and should leave the queue."""
+    _wake(state_dir / "locks" / deployment, everyone=True)
 
 
-def _wake(directory: Path) -> None:
+def _wake(directory: Path, everyone: bool = False) -> None:
+    """Wake this process's first waiter for the lock in `directory` (or all of them)."""
     with _waiters_lock:
-        waiting = list(_waiters.get(directory, ()))
+        mine = _waiters.get(directory, {})
+        tickets = list(mine) if everyone else sorted(mine)[:1]
+        waiting = [mine[ticket] for ticket in tickets]
     for loop, event in waiting:
         with contextlib.suppress(RuntimeError):  # its loop has closed
             loop.call_soon_threadsafe(event.set)
@@ -54,8 +76,7 @@ class DeploymentLock:
     """The lock of one deployment. Acquire once per deploy; release when it ends."""
 
     def __init__(self, state_dir: Path, deployment: str) -> None:
-        self.dir = state_dir / "locks" / deployment
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = state_dir / "locks" / deployment  # made by the first file operation
         self._held_fd: int | None = None
         self._wait_fd: int | None = None
         self._wait_path: Path | None = None
@@ -66,6 +87,7 @@ class DeploymentLock:
 
     def try_acquire(self, ticket: int | None = None) -> bool:
         """Take the lock now if it is free (no queue check); True on success."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.dir / "held.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,23 +119,22 @@ class DeploymentLock:
         function (a records read off the event loop).
         """
         event = asyncio.Event()
-        entry = (asyncio.get_running_loop(), event)
         with _waiters_lock:
-            _waiters.setdefault(self.dir, set()).add(entry)
-        self._enqueue(ticket)
+            _waiters.setdefault(self.dir, {})[ticket] = (asyncio.get_running_loop(), event)
         told = False
         try:
+            await asyncio.shield(_on_files(self._enqueue, ticket))
             while True:
                 event.clear()
-                ahead = self._live_waiters_before(ticket)
-                if not ahead and self.try_acquire(ticket):
+                got, ahead = await _on_files(self._look, ticket, not told)
+                if got:
                     return True
                 if give_up is not None:
                     answer = give_up()
                     if await answer if inspect.isawaitable(answer) else answer:
                         return False
                 if not told and on_wait is not None:
-                    on_wait(self.holder() or (ahead[0] if ahead else None))
+                    on_wait(ahead)
                     told = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), _POLL_SECONDS)
@@ -121,23 +142,36 @@ class DeploymentLock:
             with _waiters_lock:
                 mine = _waiters.get(self.dir)
                 if mine is not None:
-                    mine.discard(entry)
+                    mine.pop(ticket, None)
                     if not mine:
                         del _waiters[self.dir]
-            self._dequeue()
+            _FILES.submit(self._dequeue)  # after the enqueue, whenever that ran
+
+    def _look(self, ticket: int, who: bool) -> tuple[bool, int | None]:
+        """On the lock thread: take the lock if no live waiter is ahead; else (False, the
+        holder or the first live waiter ahead, when `who`)."""
+        ahead = self._first_live_waiter_before(ticket)
+        if ahead is None and self.try_acquire(ticket):
+            return True, None
+        return False, (self.holder() or ahead) if who else None
 
     def release(self) -> None:
-        """Release the lock (idempotent)."""
-        if self._held_fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._held_fd, 0)
-            os.close(self._held_fd)
-            self._held_fd = None
-            _wake(self.dir)
+        """Release the lock (idempotent), on the lock thread: this process's waiters
+        look after it; another process may see it held a moment longer."""
+        fd, self._held_fd = self._held_fd, None
+        if fd is not None:
+            _FILES.submit(self._close_held, fd)
+
+    def _close_held(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)
+        _wake(self.dir)
 
     def _enqueue(self, ticket: int) -> None:
         # Lock under a temporary name, then rename: a file visible under its
         # final name is always locked while its owner lives.
+        self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"wait-{ticket:020d}.lock"
         tmp = self.dir / f".tmp-{os.getpid()}-{ticket}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -154,9 +188,9 @@ class DeploymentLock:
             _wake(self.dir)  # the next in line may be the one behind us
         self._wait_fd = self._wait_path = None
 
-    def _live_waiters_before(self, ticket: int) -> list[int]:
-        ahead = []
-        # os.listdir, not Path.glob: this runs on the event loop at every poll of every waiter.
+    def _first_live_waiter_before(self, ticket: int) -> int | None:
+        """The smallest ticket ahead of `ticket` whose waiter lives (dead ones are removed)."""
+        # os.listdir, not Path.glob: this runs on the event loop at every look of a waiter.
         waiting = (n for n in os.listdir(self.dir) if n.startswith("wait-") and n.endswith(".lock"))
         for name in sorted(waiting):
             try:
@@ -166,8 +200,8 @@ class DeploymentLock:
             if other >= ticket:
                 break
             if self._alive(self.dir / name):
-                ahead.append(other)
-        return ahead
+                return other
+        return None
 
     @staticmethod
     def _alive(path: Path) -> bool:

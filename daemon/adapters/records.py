@@ -677,7 +677,7 @@ class Records:
         """Store log lines of a deploy; return them as stored (with their ids)."""
         ts = now()
         out = []
-        with self._lock:
+        with self._atomic():  # one transaction for the lot
             for line in lines:
                 cur = self.db.execute(
                     "INSERT INTO log (deploy_id, ts, step, line) VALUES (?, ?, ?, ?)",

@@ -7,11 +7,16 @@ core/usecases.follow_log).
 Floods are capped per step so that a build or test that prints megabytes
 floods nobody: the first lines and the last lines are kept.
 
-Lines are stored on a thread of the log's own, in order, and so are the
-deploy's other record changes (`record`): a line written before a state
-change is stored before it, and nobody waits for SQLite, which another writer
-(an operator's `sqlite3` session) may hold for seconds. The sink sees each
-line at once.
+Lines are stored on one thread of the process's (`_WRITER`), in order, and so
+are the deploys' other record changes (`record`): a line written before a
+state change is stored before it, and nobody waits for SQLite, which another
+writer (an operator's `sqlite3` session) may hold for seconds. Lines written
+while the writer is busy are stored together, in one transaction. The sink sees
+each line at once.
+
+One thread for every deploy, started once: a thread per deploy was started by
+the deploy's first line, on the event loop, and starting a thread waits until
+it runs (160 ms on a busy machine, measured by bench/webhook_load's phase 2).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import threading
 from collections import deque
@@ -39,6 +45,10 @@ TAIL_LINES = 200
 Sink = Callable[[str], None]
 T = TypeVar("T")
 
+# Stores every deploy's lines and record changes, in the order they were written.
+# Its thread starts with the first line of the process; at exit it finishes its queue.
+_WRITER = ThreadPoolExecutor(1, thread_name_prefix="deployd-log-writer")
+
 
 class DeployLog:
     """One deploy's log stream."""
@@ -53,9 +63,12 @@ class DeployLog:
         ] = []
         self._counts: dict[str, int] = {}
         self._tails: dict[str, deque[str]] = {}
-        self._closed = False
+        self._closed = False  # on the writer: every line is stored, subscribers told
+        self._shut = False  # `close` was called: later lines are dropped
+        # Lines written but not yet taken by the writer; a task to store them is queued
+        # once it holds one. `record` starts a new batch, stored after its change.
+        self._batch: list[tuple[str | None, str]] = []
         self._unstored = 0  # lines the records refused (a full disk): warned about once
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"deploy-{deploy_id}-records")
 
     def subscribe(self) -> asyncio.Queue[LogLine | None]:
         """A queue that receives every later line, then None when the log closes."""
@@ -99,21 +112,32 @@ class DeployLog:
                 self._emit(line, step)
 
     def _emit(self, line: str, step: str | None) -> None:
+        """Show the line and queue it for storing (called holding self._lock)."""
         if self.sink is not None:
             with contextlib.suppress(Exception):
                 self.sink(line)
-        with contextlib.suppress(RuntimeError):  # closed: an abandoned step's late output
-            self._writer.submit(self._store, line, step)
-
-    def _store(self, line: str, step: str | None) -> None:
-        """On the writer thread: store one line, then hand it to the subscribers."""
-        try:
-            stored = self.records.append_log(self.deploy_id, step, [line])
-        except Exception as exc:  # the line was shown; the deploy's outcome is what matters
-            self._unstored += 1
-            if self._unstored == 1:
-                log.warning("deploy #%s: log lines are not being stored: %s", self.deploy_id, exc)
+        if self._shut:  # an abandoned step's late output
             return
+        self._batch.append((step, line))
+        if len(self._batch) == 1:
+            _WRITER.submit(self._store, self._batch)
+
+    def _store(self, batch: list[tuple[str | None, str]]) -> None:
+        """On the writer: store a batch of lines, then hand them to the subscribers."""
+        with self._lock:
+            if self._batch is batch:  # later lines go to a batch of their own
+                self._batch = []
+        stored: list[LogLine] = []
+        for step, entries in itertools.groupby(batch, key=lambda entry: entry[0]):
+            lines = [line for _, line in entries]
+            try:
+                stored += self.records.append_log(self.deploy_id, step, lines)
+            except Exception as exc:  # the lines were shown; the deploy's outcome matters
+                self._unstored += len(lines)
+                if self._unstored == len(lines):
+                    log.warning(
+                        "deploy #%s: log lines are not being stored: %s", self.deploy_id, exc
+                    )
         with self._lock:
             subscribers = list(self._subscribers)
         for loop, queue in subscribers:
@@ -122,21 +146,24 @@ class DeployLog:
                     loop.call_soon_threadsafe(queue.put_nowait, row)
 
     async def record(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a Records call on the log's thread, after every line written before it.
+        """Run a Records call on the writer, after every line written before it.
 
         Once submitted it completes even if the caller is cancelled meanwhile.
         """
-        future = self._writer.submit(functools.partial(fn, *args, **kwargs))
+        with self._lock:
+            self._batch = []  # the lines so far are queued ahead; later ones come after
+            future = _WRITER.submit(functools.partial(fn, *args, **kwargs))
         return await asyncio.shield(asyncio.wrap_future(future))
 
     def flush(self) -> None:
         """Wait (blocking) until every line written so far is stored."""
-        self._writer.submit(lambda: None).result()
+        _WRITER.submit(lambda: None).result()
 
     def close(self) -> None:
         """Tell subscribers the stream has ended (after its last line is stored)."""
-        self._writer.submit(self._end)
-        self._writer.shutdown(wait=False)
+        with self._lock:
+            self._shut = True
+            _WRITER.submit(self._end)
 
     def _end(self) -> None:
         with self._lock:

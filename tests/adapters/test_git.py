@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,34 @@ def test_changed_paths_across_branches_and_bad_commits(tmp_path: Path) -> None:
         git.changed_paths(repo, "HEAD~1", tip)
     with pytest.raises(GitError, match="git diff-tree failed"):
         git.changed_paths(repo, "0" * 40, tip)
+
+
+def test_stored_reads_loose_and_packed_objects_as_git_does(tmp_path: Path) -> None:
+    # A webhook's commit not fetched yet is answered without a git process; the
+    # answer must be git's own, for loose objects, packs (after gc) and absent ones.
+    repo = make_project(tmp_path / "p", "base:1")
+    for n in range(5):
+        (repo / "include" / f"f{n}.py").write_text(f"X = {n}\n")
+        commit_all(repo, f"change {n}")
+    listed = run_git(repo, "rev-list", "--objects", "--all").splitlines()
+    shas = [line.split()[0] for line in listed]
+    absent = ["0" * 40, "f" * 40, shas[0][:39] + ("0" if shas[0][-1] != "0" else "1")]
+
+    def agree() -> None:
+        for sha in shas + absent:
+            there = subprocess.run(["git", "-C", str(repo), "cat-file", "-e", sha], check=False)
+            assert git.stored(repo, sha) is (there.returncode == 0), sha
+
+    agree()
+    assert not list((repo / ".git" / "objects" / "pack").glob("*.idx"))
+    run_git(repo, "gc", "-q", "--prune=now")  # every object into one pack
+    assert list((repo / ".git" / "objects" / "pack").glob("*.idx"))
+    assert not (repo / ".git" / "objects" / shas[0][:2] / shas[0][2:]).exists()
+    agree()
+    head = git.head(repo).commit
+    assert git.ancestry(repo, shas[0], head) is True
+    assert git.ancestry(repo, "0" * 40, head) is None
+    # What it cannot read, git answers: an object store with alternates.
+    (repo / ".git" / "objects" / "info" / "alternates").write_text("/nonexistent\n")
+    assert git.stored(repo, shas[0]) is None
+    assert git.ancestry(repo, shas[0], head) is True

@@ -164,3 +164,51 @@ async def test_waiters_of_this_process_are_woken_not_left_to_their_poll(
     await asyncio.wait_for(asyncio.gather(*waiters), 5)
     assert order == [-2, 3, 4]
     assert locks._waiters == {}
+
+
+async def test_a_hand_over_costs_one_look_not_one_per_waiter(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    # 60 deploys queued in one process (a burst of pushes): each release and each
+    # leaving wakes only the first in line, and a look stops at the first live waiter
+    # ahead. Waking every waiter, each listing and flock-testing everyone ahead of it,
+    # cost the event loop O(n^2) file operations per burst (bench/webhook_load phase 2).
+    monkeypatch.setattr(locks, "_POLL_SECONDS", 3600.0)
+    looks: list[int] = []
+    flocks: list[Path] = []
+    first_before = DeploymentLock._first_live_waiter_before
+    alive = DeploymentLock._alive
+
+    def counted_look(self: DeploymentLock, ticket: int) -> int | None:
+        looks.append(ticket)
+        return first_before(self, ticket)
+
+    def counted_alive(path: Path) -> bool:
+        flocks.append(path)
+        return alive(path)
+
+    monkeypatch.setattr(DeploymentLock, "_first_live_waiter_before", counted_look)
+    monkeypatch.setattr(DeploymentLock, "_alive", staticmethod(counted_alive))
+    holder = DeploymentLock(tmp_path, "prod")
+    assert holder.try_acquire(1)
+    order: list[int] = []
+
+    async def wait(ticket: int) -> None:
+        lock = DeploymentLock(tmp_path, "prod")
+        assert await lock.acquire(ticket)
+        order.append(ticket)
+        await asyncio.sleep(0)
+        lock.release()
+
+    n = 60
+    waiters = [asyncio.create_task(wait(t)) for t in range(2, n + 2)]
+    await asyncio.sleep(0.2)
+    queued_looks = len(looks)
+    assert queued_looks == n  # each looked once on arrival
+    holder.release()
+    await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    assert order == list(range(2, n + 2))
+    hand_over_looks = len(looks) - queued_looks
+    assert hand_over_looks <= 3 * n, hand_over_looks
+    assert len(flocks) <= 3 * n, len(flocks)
+    assert locks._waiters == {}

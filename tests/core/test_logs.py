@@ -41,7 +41,7 @@ def test_floods_keep_head_and_tail(tmp_path: Path) -> None:
         log.write(f"line {i}", "pytest")
     log.write("x" * 100_000, "other")
     log.end_step("pytest")
-    log.flush()  # lines are stored on the log's own thread
+    log.flush()  # lines are stored on the writer thread
     lines = [r.line for r in records.log_lines(did)]
     assert lines[0] == "line 0"
     assert lines[-1] == f"line {total - 1}"
@@ -94,3 +94,45 @@ async def test_a_follower_that_goes_away_is_fed_no_more(tmp_path: Path) -> None:
     assert log._subscribers == []
     log.write("after", "build")  # queued for nobody
     log.close()
+
+
+async def test_every_deploy_shares_one_writer_and_its_order_holds(tmp_path: Path) -> None:
+    """30 deploys' logs start no thread each (a thread start waits for the new thread,
+    on the event loop); lines held up behind a busy database are stored together, and
+    still on the right side of a record change written between them."""
+    import sqlite3
+    import threading
+
+    records, did = make(tmp_path)
+    others = [
+        records.create_deploy(
+            deployment="p", trigger="cli", actor="a", ref="r", options=Options(), pid=1
+        )
+        for _ in range(30)
+    ]
+    before = threading.active_count()
+    many = [DeployLog(records, i) for i in others]
+    for n, dlog in enumerate(many):
+        dlog.write(f"-----> deploy #{others[n]}")
+    await asyncio.to_thread(many[-1].flush)
+    assert threading.active_count() <= before + 1
+    assert all(len(records.log_lines(i)) == 1 for i in others)
+
+    log = DeployLog(records, did)
+    other = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    for n in range(100):
+        log.write(f"before {n}", "build")
+    seen = asyncio.ensure_future(log.record(records.log_lines, did))
+    await asyncio.sleep(0)  # submitted: it runs after the 100 lines, before the rest
+    for n in range(50):
+        log.write(f"after {n}", "build")
+    other.execute("ROLLBACK")
+    assert [r.line for r in await seen] == [f"before {n}" for n in range(100)]
+    await asyncio.to_thread(log.flush)
+    assert [r.line for r in records.log_lines(did)] == [f"before {n}" for n in range(100)] + [
+        f"after {n}" for n in range(50)
+    ]
+    for dlog in [*many, log]:
+        dlog.close()
+    other.close()
