@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import gc
 import logging
 import os
 import resource
@@ -24,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon import config as config_mod
-from daemon import memory
+from daemon import memory, threads
 from daemon.adapters import repos
 from daemon.adapters.github import StatusReporter
 from daemon.adapters.images import Images
@@ -146,6 +147,12 @@ class Daemon:
         if resumed:
             log.info("resuming webhook deploys %s", ", ".join(f"#{i}" for i in resumed))
         await self.hooks.start()
+        # Before the first connection: every pool's threads, started now rather than on
+        # the event loop under load (daemon/threads.py); and what start-up made, kept out
+        # of the garbage collector's full passes (27 ms each of CPU on the loop, longer
+        # on a busy machine; a long-lived daemon makes most of its objects here).
+        threads.prestart_all()
+        gc.freeze()
         host, port = _split(settings.server.ssh_listen)
         acceptor = await sshd.start(self.ssh, host, port, state_dir / "ssh_host_ed25519_key")
         metrics = MetricsEndpoint(lambda: self.services.settings, self.metrics)
@@ -349,5 +356,8 @@ class LoopErrors:
 
 
 async def _main(config_path: Path, settings: config_mod.Settings) -> None:
-    asyncio.get_running_loop().set_exception_handler(LoopErrors())
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrors())
+    # asyncio.to_thread's pool, of asyncio's default size, but started with the rest.
+    loop.set_default_executor(threads.pool(min(32, (os.cpu_count() or 1) + 4), "deployd-worker"))
     await Daemon(config_path, settings).run()

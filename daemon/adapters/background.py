@@ -10,7 +10,8 @@ waits for the thread to end, so that nothing of a stopped deploy is still
 running when the pipeline cleans up after it. `StreamCutter` is how the
 Engine's streaming calls (adapters/images.py) see `stop`. Daemon threads, not
 `asyncio.to_thread`: a process that exits without waiting (a second Ctrl-C)
-is never held by one.
+is never held by one. They are started by daemon/threads.py's starter, so that
+the event loop does not wait for them to run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import requests
+
+from daemon import threads
 
 T = TypeVar("T")
 
@@ -68,7 +71,7 @@ async def run_stoppable(
             loop.call_soon_threadsafe(settle, value, error)
 
     name = f"deployd-{getattr(fn, '__name__', 'call')}"
-    threading.Thread(target=work, name=name, daemon=True).start()
+    threads.start(threading.Thread(target=work, name=name, daemon=True))
     try:
         return await result
     except asyncio.CancelledError:

@@ -30,9 +30,10 @@ import inspect
 import os
 import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+
+from daemon import threads
 
 T = TypeVar("T")
 
@@ -48,7 +49,7 @@ _waiters_lock = threading.Lock()
 
 # Every lock file operation of an `acquire`, and of a release, in the order asked:
 # a release queued before a waiter's look is done before it.
-_FILES = ThreadPoolExecutor(1, thread_name_prefix="deployd-locks")
+_FILES = threads.pool(1, "deployd-locks")
 
 
 async def _on_files(fn: Callable[..., T], *args: Any) -> T:

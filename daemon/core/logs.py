@@ -29,9 +29,9 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from daemon import threads
 from daemon.adapters.records import Records
 from daemon.core.deploys import LogLine
 from daemon.printable import printable
@@ -47,7 +47,7 @@ T = TypeVar("T")
 
 # Stores every deploy's lines and record changes, in the order they were written.
 # Its thread starts with the first line of the process; at exit it finishes its queue.
-_WRITER = ThreadPoolExecutor(1, thread_name_prefix="deployd-log-writer")
+_WRITER = threads.pool(1, "deployd-log-writer")
 
 
 class DeployLog:

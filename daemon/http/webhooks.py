@@ -20,12 +20,12 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from daemon import threads
 from daemon.adapters import freezes, git, repos
 from daemon.adapters.records import Records
 from daemon.config import Settings
@@ -194,7 +194,7 @@ class Webhooks:
         self._count = count  # (X-GitHub-Event, outcome) of each answer: metrics
         self.running: set[asyncio.Task[Any]] = set()
         self._large = asyncio.Semaphore(LARGE_READS)
-        self._db = ThreadPoolExecutor(max_workers=4, thread_name_prefix="deployd-webhooks")
+        self._db = threads.pool(4, "deployd-webhooks")
 
     async def _verified_body(
         self, request: web.Request, settings: Settings
