@@ -20,8 +20,15 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import threading
 
 PROJECT_TEST = ".astro/test_dag_integrity_default.py"
+
+# CPython 3.11 keeps ast.parse's recursion depth in interpreter-wide state, so two
+# threads parsing at once can fail with "SystemError: AST constructor recursion depth
+# mismatch" (python/cpython#106905; seen once in 1,300 pushes of bench/endurance).
+# Deploys fingerprint their projects in threads: one parse at a time.
+_PARSING = threading.Lock()
 
 # One per version of astro-cli's template (the 11 found in its history and in
 # projects; see the reference copies). tests/steps/checks/test_integrity.py recomputes this
@@ -93,7 +100,8 @@ def _strip_docstrings(tree: ast.Module) -> None:
 def fingerprint(text: str) -> str | None:
     """The layout-, import-order- and docstring-blind hash of a Python file (None: not Python)."""
     try:
-        tree = ast.parse(text)
+        with _PARSING:
+            tree = ast.parse(text)
         _strip_docstrings(tree)
         return _hash(tree)
     except (SyntaxError, ValueError, RecursionError, MemoryError):

@@ -93,3 +93,41 @@ def test_plan_per_mode() -> None:
 def test_a_file_too_deep_to_parse_is_customised() -> None:
     deep = "x = " + "+".join(["a"] * 5000) + "\n"
     assert integrity.fingerprint(deep) is None and integrity.customised(deep)
+
+
+def test_deploys_in_threads_parse_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPython 3.11's ast.parse is not safe in two threads at once (python/cpython#106905:
+    # "AST constructor recursion depth mismatch", seen in bench/endurance): deploys
+    # fingerprint their projects in threads, so the parses must take turns.
+    import ast
+    import threading
+    import time
+
+    inside, most = [0], [0]
+    guard = threading.Lock()
+    parse = ast.parse
+
+    def watched(text: str, *args: object, **kwargs: object) -> ast.Module:
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.01)
+        try:
+            return parse(text, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(integrity.ast, "parse", watched)
+    text = GENERATED_INTEGRITY_TEST
+    prints: list[str | None] = []
+    workers = [
+        threading.Thread(target=lambda: prints.append(integrity.fingerprint(text)))
+        for _ in range(8)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert most[0] == 1
+    assert len(set(prints)) == 1 and prints[0] in integrity.GENERATED_FINGERPRINTS
