@@ -134,6 +134,9 @@ class Daemon:
         """Serve until SIGTERM (or SIGINT)."""
         settings = self.settings
         state_dir = settings.server.state_dir
+        # Every pool's threads, before anything is submitted to them: started now, not on
+        # the event loop under load (daemon/threads.py).
+        threads.prestart_all()
         self.metrics.start()  # counts the recorded deploys in a thread meanwhile
         self.deliverer.start()  # its targets follow the outbox from here on
         self.cluster_watch.start()  # lists and watches while the rest starts
@@ -147,11 +150,10 @@ class Daemon:
         if resumed:
             log.info("resuming webhook deploys %s", ", ".join(f"#{i}" for i in resumed))
         await self.hooks.start()
-        # Before the first connection: every pool's threads, started now rather than on
-        # the event loop under load (daemon/threads.py); and what start-up made, kept out
-        # of the garbage collector's full passes (27 ms each of CPU on the loop, longer
-        # on a busy machine; a long-lived daemon makes most of its objects here).
-        threads.prestart_all()
+        # Before the first connection: what start-up made (a long-lived daemon makes most
+        # of its objects here), kept out of the garbage collector's full passes (27 ms
+        # each of CPU on the loop, longer on a busy machine); its garbage collected first.
+        gc.collect()
         gc.freeze()
         host, port = _split(settings.server.ssh_listen)
         acceptor = await sshd.start(self.ssh, host, port, state_dir / "ssh_host_ed25519_key")

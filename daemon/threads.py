@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 # Every pool made by `pool` that is still in use, with its size.
@@ -30,9 +31,17 @@ def pool(workers: int, name: str) -> ThreadPoolExecutor:
 _STARTER = pool(1, "deployd-starter")
 
 
-def start(thread: threading.Thread) -> None:
-    """Start `thread` without waiting until it runs (the starter thread waits)."""
-    _STARTER.submit(thread.start)
+def start(thread: threading.Thread, failed: Callable[[BaseException], None]) -> None:
+    """Start `thread` without waiting until it runs (the starter thread waits);
+    `failed(exc)` is called on the starter if it cannot start (out of threads)."""
+
+    def run() -> None:
+        try:
+            thread.start()
+        except BaseException as exc:  # RuntimeError: can't start new thread
+            failed(exc)
+
+    _STARTER.submit(run)
 
 
 def prestart(pool: ThreadPoolExecutor, workers: int) -> None:

@@ -71,7 +71,12 @@ async def run_stoppable(
             loop.call_soon_threadsafe(settle, value, error)
 
     name = f"deployd-{getattr(fn, '__name__', 'call')}"
-    threads.start(threading.Thread(target=work, name=name, daemon=True))
+
+    def unstarted(exc: BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone, nobody is waiting
+            loop.call_soon_threadsafe(settle, None, exc)
+
+    threads.start(threading.Thread(target=work, name=name, daemon=True), unstarted)
     try:
         return await result
     except asyncio.CancelledError:

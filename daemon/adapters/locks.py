@@ -27,15 +27,19 @@ import asyncio
 import contextlib
 import fcntl
 import inspect
+import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon import threads
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # How often a waiter looks without being woken: for a release, a dead waiter or a give-up
 # in another process (a CLI deploy, `deployd cancel`). Each look is file operations and
@@ -54,6 +58,12 @@ _FILES = threads.pool(1, "deployd-locks")
 
 async def _on_files(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_FILES, fn, *args)
+
+
+def _logged(done: Future[None]) -> None:
+    """What went wrong in a lock file operation nobody waits for (a release)."""
+    if not done.cancelled() and done.exception() is not None:
+        log.error("deploy lock: %s", done.exception(), exc_info=done.exception())
 
 
 def wake(state_dir: Path, deployment: str) -> None:
@@ -122,18 +132,20 @@ class DeploymentLock:
         event = asyncio.Event()
         with _waiters_lock:
             _waiters.setdefault(self.dir, {})[ticket] = (asyncio.get_running_loop(), event)
-        told = False
+        got = told = False
+        # Submitted now, before any await: whatever cancels us, `_leave` runs after it.
+        enqueued = asyncio.wrap_future(_FILES.submit(self._enqueue, ticket))
         try:
-            await asyncio.shield(_on_files(self._enqueue, ticket))
+            await asyncio.shield(enqueued)
             while True:
                 event.clear()
                 got, ahead = await _on_files(self._look, ticket, not told)
                 if got:
-                    return True
+                    break
                 if give_up is not None:
                     answer = give_up()
                     if await answer if inspect.isawaitable(answer) else answer:
-                        return False
+                        break
                 if not told and on_wait is not None:
                     on_wait(ahead)
                     told = True
@@ -146,7 +158,23 @@ class DeploymentLock:
                     mine.pop(ticket, None)
                     if not mine:
                         del _waiters[self.dir]
-            _FILES.submit(self._dequeue)  # after the enqueue, whenever that ran
+            # In order after the enqueue and any look still running (cancelled meanwhile).
+            left = _FILES.submit(self._leave, got)
+        try:
+            await asyncio.shield(asyncio.wrap_future(left))
+        except asyncio.CancelledError:
+            if got:  # cancelled as we took it: nobody would release it
+                self.release()
+            raise
+        return got
+
+    def _leave(self, keep: bool) -> None:
+        """On the lock thread: leave the queue; unless `keep`, let go of the lock if a
+        look took it for a waiter that was cancelled meanwhile."""
+        if not keep and self._held_fd is not None:
+            fd, self._held_fd = self._held_fd, None
+            self._close_held(fd)
+        self._dequeue()
 
     def _look(self, ticket: int, who: bool) -> tuple[bool, int | None]:
         """On the lock thread: take the lock if no live waiter is ahead; else (False, the
@@ -161,13 +189,15 @@ class DeploymentLock:
         look after it; another process may see it held a moment longer."""
         fd, self._held_fd = self._held_fd, None
         if fd is not None:
-            _FILES.submit(self._close_held, fd)
+            _FILES.submit(self._close_held, fd).add_done_callback(_logged)
 
     def _close_held(self, fd: int) -> None:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        os.close(fd)
-        _wake(self.dir)
+        try:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+            _wake(self.dir)
 
     def _enqueue(self, ticket: int) -> None:
         # Lock under a temporary name, then rename: a file visible under its
@@ -181,13 +211,16 @@ class DeploymentLock:
         self._wait_fd, self._wait_path = fd, final
 
     def _dequeue(self) -> None:
-        if self._wait_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._wait_path.unlink()
-        if self._wait_fd is not None:
-            os.close(self._wait_fd)
-            _wake(self.dir)  # the next in line may be the one behind us
+        path, fd = self._wait_path, self._wait_fd
         self._wait_fd = self._wait_path = None
+        try:
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        finally:  # closed whatever unlink said: a closed waiter file is a dead one
+            if fd is not None:
+                os.close(fd)
+                _wake(self.dir)  # the next in line may be the one behind us
 
     def _first_live_waiter_before(self, ticket: int) -> int | None:
         """The smallest ticket ahead of `ticket` whose waiter lives (dead ones are removed)."""

@@ -120,7 +120,8 @@ class DeployLog:
             return
         self._batch.append((step, line))
         if len(self._batch) == 1:
-            _WRITER.submit(self._store, self._batch)
+            with contextlib.suppress(RuntimeError):  # the interpreter is shutting down
+                _WRITER.submit(self._store, self._batch)
 
     def _store(self, batch: list[tuple[str | None, str]]) -> None:
         """On the writer: store a batch of lines, then hand them to the subscribers."""

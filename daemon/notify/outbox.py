@@ -44,12 +44,12 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
 
+from daemon import threads
 from daemon.adapters.records import Records
 from daemon.config import NotifyTarget, Settings
 from daemon.core.deploys import DeployEvent
@@ -128,7 +128,7 @@ class Deliverer:
         self._retired: set[_Worker] = set()
         # Records calls run on threads of our own: the loop's default pool may be
         # busy with builds, and a write may wait for another process's transaction.
-        self._db = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deployd-notify")
+        self._db = threads.pool(2, "deployd-notify")
         self._client: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task[None] | None = None

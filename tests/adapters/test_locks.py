@@ -212,3 +212,33 @@ async def test_a_hand_over_costs_one_look_not_one_per_waiter(
     assert hand_over_looks <= 3 * n, hand_over_looks
     assert len(flocks) <= 3 * n, len(flocks)
     assert locks._waiters == {}
+
+
+async def test_a_waiter_cancelled_while_it_looks_leaves_the_lock_free(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    # The look runs on the lock thread and may take the lock after the waiter was
+    # cancelled (a drain, a timeout): nobody would release it, and every later deploy
+    # of the deployment would wait behind it for the life of the process.
+    look = DeploymentLock._look
+
+    def slow_look(self: DeploymentLock, ticket: int, who: bool) -> tuple[bool, int | None]:
+        time.sleep(0.3)
+        return look(self, ticket, who)
+
+    monkeypatch.setattr(DeploymentLock, "_look", slow_look)
+    cancelled = DeploymentLock(tmp_path, "prod")
+    task = asyncio.create_task(cancelled.acquire(1))
+    await asyncio.sleep(0.1)  # inside the look
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    else:
+        raise AssertionError("the cancel was lost")
+    monkeypatch.setattr(DeploymentLock, "_look", look)
+    nxt = DeploymentLock(tmp_path, "prod")
+    assert await asyncio.wait_for(nxt.acquire(2), 5) is True
+    assert not cancelled.held and not cancelled.live_waiter(1)
+    nxt.release()
