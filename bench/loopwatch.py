@@ -70,14 +70,28 @@ def report():
         sys.stderr.write(f"BENCH profile {k} {where}\n")
 
 def sampler(main):
-    seen = (0, 0)
-    last = 0.0
+    # Its errors are written once each, not left to end the thread unseen.
+    import traceback
+    told = set()
+    while True:
+        try:
+            sample(main)
+        except Exception as exc:
+            if type(exc) not in told:
+                told.add(type(exc))
+                where = traceback.format_exc().replace("\n", " | ")
+                sys.stderr.write(f"BENCH sampler error {where}\n")
+
+seen = [(0, 0)]
+last = [0.0]
+
+def sample(main):
     while True:
         time.sleep(0.005)
         n, start = running[0], running[1]
         now = time.perf_counter()
-        if now - last >= 0.01:
-            last = now
+        if now - last[0] >= 0.01:
+            last[0] = now
             ticks[0] += 1
             if start:
                 ticks[1] += 1
@@ -86,8 +100,8 @@ def sampler(main):
         if not start:
             continue
         k = int((time.perf_counter() - start) / slow)
-        if k and (n, k) != seen:
-            seen = (n, k)
+        if k and (n, k) != seen[0]:
+            seen[0] = (n, k)
             frame = sys._current_frames().get(main)
             where = []
             while frame is not None and len(where) < 40:
@@ -194,6 +208,8 @@ def loop_profile(log: Path) -> None:
     if head is None:
         print("\nno loop profile (the daemon did not exit cleanly)")
         return
+    for m in re.finditer(r"BENCH sampler error (.*)", text):
+        print(f"\nthe stack sampler failed (it went on): {m[1][-300:]}")
     total, inside = int(head[1]), int(head[2])
     print(
         f"\nthe loop's thread, sampled every 10 ms: inside a callback {inside} of {total} "
