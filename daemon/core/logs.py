@@ -46,7 +46,8 @@ Sink = Callable[[str], None]
 T = TypeVar("T")
 
 # Stores every deploy's lines and record changes, in the order they were written.
-# Its thread starts with the first line of the process; at exit it finishes its queue.
+# `deployd serve` starts its thread before it listens (daemon/threads.py); at exit it
+# finishes its queue.
 _WRITER = threads.pool(1, "deployd-log-writer")
 
 
